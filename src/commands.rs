@@ -1,0 +1,155 @@
+//! `KAMSYNC.*` commands. Errors become Redis error replies here, and only here.
+
+use redis_module::{
+    Context, ContextFlags, NextArg, RedisError, RedisResult, RedisString, RedisValue,
+};
+
+use crate::calls::Calls;
+use crate::config;
+use crate::events::OwnWrites;
+use crate::stats::{self, COUNTERS};
+use crate::sync::{Action, Syncer};
+
+fn text(s: impl Into<String>) -> RedisValue {
+    RedisValue::BulkString(s.into())
+}
+
+fn int(n: impl TryInto<i64>) -> RedisValue {
+    RedisValue::Integer(n.try_into().unwrap_or(i64::MAX))
+}
+
+/// `KAMSYNC.STATUS`: version, environment, effective configuration, counters and the most recent
+/// errors (newest first), as name/value pairs.
+pub fn status(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 1 {
+        return Err(RedisError::WrongArity);
+    }
+    let flags = ctx.get_flags();
+    let role = if flags.contains(ContextFlags::SLAVE) { "replica" } else { "primary" };
+    let config = config::get().clone();
+    let settings = vec![
+        text("domain-prefix"),
+        text(config.domain_prefix.as_str()),
+        text("credential-prefix"),
+        text(config.credential_prefix.as_str()),
+        text("domain-table"),
+        text(config.domain_table.as_str()),
+        text("subscriber-table"),
+        text(config.subscriber_table.as_str()),
+        text("domain-sequence"),
+        text(config.domain_sequence.as_str()),
+        text("subscriber-sequence"),
+        text(config.subscriber_sequence.as_str()),
+        text("reload-stream"),
+        text(config.reload_stream.as_str()),
+        text("reload-stream-maxlen"),
+        int(config.reload_stream_maxlen),
+        text("last-modified-format"),
+        text(match config.last_modified_format {
+            config::LastModifiedFormat::Datetime => "datetime",
+            config::LastModifiedFormat::Epoch => "epoch",
+        }),
+        text("audit"),
+        text(if config.audit { "yes" } else { "no" }),
+        text("store-password"),
+        text(if config.store_password { "yes" } else { "no" }),
+    ];
+    let counters = COUNTERS
+        .snapshot()
+        .into_iter()
+        .flat_map(|(name, value)| [text(name), int(value)])
+        .collect();
+    let errors = stats::recent_errors()
+        .into_iter()
+        .map(|e| {
+            RedisValue::Array(vec![
+                text("time_ms"),
+                int(e.time_ms),
+                text("db"),
+                int(e.db),
+                text("key"),
+                text(e.key),
+                text("reason"),
+                text(e.reason),
+            ])
+        })
+        .collect();
+    Ok(RedisValue::Array(vec![
+        text("version"),
+        text(env!("CARGO_PKG_VERSION")),
+        text("role"),
+        text(role),
+        text("cluster_mode"),
+        text(if crate::cluster_mode() {
+            "yes (unsupported: rows may belong to other shards)"
+        } else {
+            "no"
+        }),
+        text("redisjson"),
+        text(redisjson_version(ctx).unwrap_or_else(|| "not loaded".into())),
+        text("config"),
+        RedisValue::Array(settings),
+        text("counters"),
+        RedisValue::Array(counters),
+        text("recent_errors"),
+        RedisValue::Array(errors),
+    ]))
+}
+
+/// RedisJSON's version as MODULE LIST reports it (`20809` for 2.8.9).
+fn redisjson_version(ctx: &Context) -> Option<String> {
+    let RedisValue::Array(modules) = ctx.call("MODULE", &["LIST"]).ok()? else {
+        return None;
+    };
+    modules.into_iter().find_map(|module| {
+        let RedisValue::Array(fields) = module else { return None };
+        let mut pairs = fields.chunks(2);
+        let is_json = pairs.clone().any(|pair| {
+            pair[0] == RedisValue::SimpleString("name".into())
+                && matches!(&pair.get(1), Some(RedisValue::SimpleString(n) | RedisValue::BulkString(n)) if n == "ReJSON")
+        });
+        if !is_json {
+            return None;
+        }
+        pairs.find(|pair| matches!(&pair[0], RedisValue::SimpleString(n) if n == "ver")).and_then(
+            |pair| match pair.get(1) {
+                Some(RedisValue::Integer(v)) => Some(v.to_string()),
+                _ => None,
+            },
+        )
+    })
+}
+
+/// `KAMSYNC.SYNC <key>`: reconciles one entity now and says what it did.
+pub fn sync(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    if args.len() != 2 {
+        return Err(RedisError::WrongArity);
+    }
+    let mut args = args.into_iter().skip(1);
+    let key = args.next_arg()?;
+    if ctx.get_flags().contains(ContextFlags::SLAVE) {
+        return Err(RedisError::Str(
+            "ERR kamsync writes only on the primary; run KAMSYNC.SYNC there",
+        ));
+    }
+    let config = config::get().clone();
+    if config.kind_of(key.as_slice()).is_none() {
+        return Err(RedisError::String(format!(
+            "ERR {} matches neither kamsync.domain-prefix '{}' nor kamsync.credential-prefix '{}'",
+            stats::printable_key(key.as_slice()),
+            config.domain_prefix,
+            config.credential_prefix
+        )));
+    }
+    let _guard = OwnWrites::hold();
+    let db = Calls::selected_db(ctx);
+    let mut syncer = Syncer::new(Calls::new(ctx), config);
+    let result = syncer.reconcile(db, key.as_slice());
+    syncer.finish();
+    match result? {
+        Action::Written { id, row } => Ok(text(format!("written {row} id {id}"))),
+        Action::Unchanged { id, row } => Ok(text(format!("unchanged {row} id {id}"))),
+        Action::Removed { row } => Ok(text(format!("removed {row}"))),
+        Action::Nothing => Ok(text("nothing to do")),
+    }
+}

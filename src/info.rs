@@ -1,0 +1,24 @@
+//! The `kamsync` section of INFO: every counter, plus the facts an operator checks first.
+
+use std::os::raw::c_int;
+
+use redis_module::raw;
+
+use crate::stats::COUNTERS;
+
+/// Registered with `RedisModule_RegisterInfoFunc`; Redis prefixes each field with `kamsync_`.
+pub extern "C" fn info_func(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report: c_int) {
+    // A panic must not cross into Redis; INFO without the section is the worst outcome.
+    let _ = std::panic::catch_unwind(|| {
+        raw::add_info_section(ctx, None);
+        raw::add_info_field_str(ctx, "version", env!("CARGO_PKG_VERSION"));
+        raw::add_info_field_str(
+            ctx,
+            "cluster_mode",
+            if crate::cluster_mode() { "yes" } else { "no" },
+        );
+        for (name, value) in COUNTERS.snapshot() {
+            raw::add_info_field_long_long(ctx, name, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    });
+}

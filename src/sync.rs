@@ -1,0 +1,415 @@
+//! The work itself: bring one entity's row in line with the entity, in the database it lives in.
+//!
+//! Everything here runs inside a post-notification job (or a command), never inside a
+//! notification callback. It reads the entity's *current* state rather than replaying events:
+//! after a MULTI/EXEC or a script that touched a key several times, one reconcile of that key
+//! gives the rows of the final state.
+//!
+//! Per entity kamsync keeps an [`EntityState`] (see `store.rs`). The rules, in one place:
+//!
+//! | entity key now holds | state | effect |
+//! |---|---|---|
+//! | a valid document | none | new id from the sequence, row written, state recorded |
+//! | a valid document | some | same id; row rewritten only if its content changed; if the row key changed, the old row is deleted first |
+//! | a valid document whose row another entity owns | any | conflict: nothing written, error recorded |
+//! | an invalid document | any | nothing written (the last good row stays), error recorded |
+//! | nothing | some | row deleted (if still owned), state forgotten |
+//! | a non-JSON value | some or none | as "nothing", plus an error recorded |
+
+use std::collections::{BTreeSet, HashSet};
+
+use serde_json::Value;
+
+use crate::calls::{Calls, KeyKind, Reply};
+use crate::config::{Config, LastModifiedFormat};
+use crate::error::SyncError;
+use crate::mapping::{self, Kind, Row};
+use crate::stats::{self, ErrorRecord, COUNTERS};
+use crate::store::{self, EntityState};
+
+/// One unit of work, queued by the notification callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Make the entity at `key` and its row agree.
+    Reconcile { db: i32, key: Vec<u8> },
+    /// RENAME within one kind: the entity keeps its id and row under its new key.
+    Move { db: i32, from: Vec<u8>, to: Vec<u8> },
+}
+
+/// What a reconcile did, for `KAMSYNC.SYNC` and the tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// The row was written (new entity, changed content or new row key).
+    Written { id: i64, row: String },
+    /// The entity is synced and its row already had this content.
+    Unchanged { id: i64, row: String },
+    /// The entity is gone and its row was deleted.
+    Removed { row: String },
+    /// Nothing to do: no entity and no row of its.
+    Nothing,
+}
+
+/// The clock of one job: every row and document written by it carries the same time.
+pub struct Clock {
+    pub now_ms: i64,
+    last_modified: String,
+}
+
+impl Clock {
+    pub fn now(format: LastModifiedFormat) -> Self {
+        let now = chrono::Local::now();
+        Clock { now_ms: now.timestamp_millis(), last_modified: format_last_modified(&now, format) }
+    }
+}
+
+/// `last_modified` as written into rows.
+pub fn format_last_modified<Tz: chrono::TimeZone>(
+    at: &chrono::DateTime<Tz>,
+    format: LastModifiedFormat,
+) -> String
+where
+    Tz::Offset: std::fmt::Display,
+{
+    match format {
+        LastModifiedFormat::Datetime => at.format("%Y-%m-%d %H:%M:%S").to_string(),
+        LastModifiedFormat::Epoch => at.timestamp().to_string(),
+    }
+}
+
+/// A batch of work against one context and one configuration snapshot.
+pub struct Syncer<'a> {
+    calls: Calls<'a>,
+    config: Config,
+    clock: Clock,
+    /// Databases whose domain table changed: each gets one reload request at [`finish`].
+    reload_dbs: BTreeSet<i32>,
+    db: i32,
+}
+
+impl<'a> Syncer<'a> {
+    pub fn new(calls: Calls<'a>, config: Config) -> Self {
+        let clock = Clock::now(config.last_modified_format);
+        let db = Calls::selected_db(calls.ctx);
+        Syncer { calls, config, clock, reload_dbs: BTreeSet::new(), db }
+    }
+
+    /// Runs queued ops: moves first, in order, then one reconcile per distinct key. Reconciles
+    /// read the final state of each key, so their order does not matter; moves must come first
+    /// so that a renamed entity is found under its new key.
+    pub fn run_ops(&mut self, ops: Vec<Op>) {
+        let mut seen = HashSet::new();
+        let mut reconciles = Vec::new();
+        for op in ops {
+            match op {
+                Op::Move { db, from, to } => {
+                    if let Err(err) = self.transfer(db, &from, &to) {
+                        self.report(db, &from, &err);
+                    }
+                }
+                Op::Reconcile { db, key } => {
+                    if seen.insert((db, key.clone())) {
+                        reconciles.push((db, key));
+                    }
+                }
+            }
+        }
+        for (db, key) in reconciles {
+            // Errors are already reported inside.
+            let _ = self.reconcile(db, &key);
+        }
+    }
+
+    /// Appends one reload request per database whose domain rows changed, and restores the
+    /// database the context had selected.
+    pub fn finish(mut self) {
+        let original = self.db;
+        let dbs = std::mem::take(&mut self.reload_dbs);
+        for db in dbs {
+            let maxlen = self.config.reload_stream_maxlen.to_string();
+            let result = self.select(db).and_then(|()| {
+                self.calls.write(
+                    "XADD",
+                    &[
+                        self.config.reload_stream.as_bytes(),
+                        b"MAXLEN",
+                        b"~",
+                        maxlen.as_bytes(),
+                        b"*",
+                        b"cmd",
+                        b"domain.reload",
+                    ],
+                )
+            });
+            match result {
+                Ok(_) => COUNTERS.reload_requests.incr(),
+                Err(err) => self.report(db, self.config.reload_stream.clone().as_bytes(), &err),
+            }
+        }
+        let _ = self.select(original);
+    }
+
+    /// Brings one entity key and its row in line; reports (counts, logs, records) any error.
+    pub fn reconcile(&mut self, db: i32, key: &[u8]) -> Result<Action, SyncError> {
+        let result = self.select(db).and_then(|()| self.reconcile_here(key));
+        if let Err(err) = &result {
+            self.report(db, key, err);
+        }
+        result
+    }
+
+    fn select(&mut self, db: i32) -> Result<(), SyncError> {
+        if self.db != db {
+            self.calls.select_db(db)?;
+            self.db = db;
+        }
+        Ok(())
+    }
+
+    fn reconcile_here(&mut self, key: &[u8]) -> Result<Action, SyncError> {
+        let Some(kind) = self.config.kind_of(key) else {
+            return Ok(Action::Nothing);
+        };
+        match self.calls.key_kind(key) {
+            KeyKind::Missing => self.remove(kind, key),
+            KeyKind::Module => match self.calls.read("JSON.GET", &[key]) {
+                Ok(Reply::Bulk(text)) => {
+                    let doc: Value = serde_json::from_slice(&text)
+                        .map_err(|e| SyncError::BadJson(e.to_string()))?;
+                    self.upsert(kind, key, &doc)
+                }
+                _ => self.remove_not_json(kind, key, "module"),
+            },
+            KeyKind::Core(found) => self.remove_not_json(kind, key, found),
+        }
+    }
+
+    fn remove_not_json(
+        &mut self,
+        kind: Kind,
+        key: &[u8],
+        found: &str,
+    ) -> Result<Action, SyncError> {
+        self.remove(kind, key)?;
+        Err(SyncError::NotJson(found.to_owned()))
+    }
+
+    fn row_for(&self, kind: Kind, doc: &Value) -> Result<Row, SyncError> {
+        let table = self.config.table(kind);
+        match kind {
+            Kind::Domain => mapping::domain_row(doc, table),
+            Kind::Credential => mapping::credential_row(doc, table, self.config.store_password),
+        }
+    }
+
+    fn upsert(&mut self, kind: Kind, key: &[u8], doc: &Value) -> Result<Action, SyncError> {
+        COUNTERS.upserts.incr();
+        let row = self.row_for(kind, doc)?;
+        let state_key = store::state_key(kind);
+        let (state, owner) = self.state_and_owner(&state_key, key, &row.key)?;
+        if let Some(owner) = owner.filter(|owner| owner.as_slice() != key) {
+            return Err(SyncError::Conflict { row: row.key, owner: stats::printable_key(&owner) });
+        }
+
+        let (id, created_ms) = match &state {
+            Some(state) => (state.id, state.created_ms),
+            None => (self.issue_id(kind)?, self.clock.now_ms),
+        };
+        if self.config.audit {
+            self.write_audit_fields(key, id, created_ms)?;
+        }
+
+        let fingerprint = row.fingerprint(id);
+        let old_row = state.as_ref().map(|s| s.row.as_str()).filter(|old| *old != row.key);
+        if let Some(old_row) = old_row {
+            self.calls.write("DEL", &[old_row.as_bytes()])?;
+            self.calls.write("HDEL", &[state_key.as_bytes(), &store::owner_field(old_row)])?;
+            COUNTERS.rows_deleted.incr();
+        }
+        let unchanged =
+            state.as_ref().is_some_and(|s| s.row == row.key && s.fingerprint == fingerprint);
+        if unchanged {
+            COUNTERS.rows_unchanged.incr();
+            return Ok(Action::Unchanged { id, row: row.key });
+        }
+
+        self.write_row(&row, id)?;
+        if state.as_ref().is_some_and(|s| s.row_has_password && s.row == row.key)
+            && !row.has_password()
+        {
+            self.calls.write("HDEL", &[row.key.as_bytes(), b"password"])?;
+        }
+        let new_state = EntityState {
+            id,
+            created_ms,
+            fingerprint,
+            row_has_password: row.has_password(),
+            row: row.key.clone(),
+        };
+        self.calls.write(
+            "HSET",
+            &[
+                state_key.as_bytes(),
+                &store::entity_field(key),
+                new_state.encode().as_bytes(),
+                &store::owner_field(&row.key),
+                key,
+            ],
+        )?;
+        if row.reload_relevant {
+            self.reload_dbs.insert(self.db);
+        }
+        Ok(Action::Written { id, row: row.key })
+    }
+
+    /// The entity's state and the current owner of `row`, in one HMGET.
+    fn state_and_owner(
+        &self,
+        state_key: &str,
+        key: &[u8],
+        row: &str,
+    ) -> Result<(Option<EntityState>, Option<Vec<u8>>), SyncError> {
+        let reply = self.calls.read(
+            "HMGET",
+            &[state_key.as_bytes(), &store::entity_field(key), &store::owner_field(row)],
+        )?;
+        let Reply::Array(mut items) = reply else {
+            return Err(SyncError::Redis { command: "HMGET", message: "unexpected reply".into() });
+        };
+        let owner = items.pop().and_then(Reply::into_bulk);
+        let state =
+            items.pop().and_then(Reply::into_bulk).and_then(|raw| EntityState::decode(&raw));
+        Ok((state, owner))
+    }
+
+    fn entity_state(&self, state_key: &str, key: &[u8]) -> Result<Option<EntityState>, SyncError> {
+        let reply = self.calls.read("HGET", &[state_key.as_bytes(), &store::entity_field(key)])?;
+        Ok(reply.into_bulk().and_then(|raw| EntityState::decode(&raw)))
+    }
+
+    fn issue_id(&self, kind: Kind) -> Result<i64, SyncError> {
+        match self.calls.write("INCR", &[self.config.sequence(kind).as_bytes()])? {
+            Reply::Int(id) => {
+                COUNTERS.ids_issued.incr();
+                Ok(id)
+            }
+            _ => Err(SyncError::Redis { command: "INCR", message: "unexpected reply".into() }),
+        }
+    }
+
+    fn write_audit_fields(&self, key: &[u8], id: i64, created_ms: i64) -> Result<(), SyncError> {
+        let patch = format!(
+            r#"{{"externalId":{id},"dateCreated":{created_ms},"dateUpdated":{}}}"#,
+            self.clock.now_ms
+        );
+        self.calls.write("JSON.MERGE", &[key, b"$", patch.as_bytes()])?;
+        Ok(())
+    }
+
+    fn write_row(&self, row: &Row, id: i64) -> Result<(), SyncError> {
+        let id = id.to_string();
+        let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * row.fields.len());
+        args.push(row.key.as_bytes());
+        args.extend([b"id".as_slice(), id.as_bytes()]);
+        for (name, value) in &row.fields {
+            args.extend([name.as_bytes(), value.as_bytes()]);
+        }
+        if row.reload_relevant {
+            args.extend([b"last_modified".as_slice(), self.clock.last_modified.as_bytes()]);
+        }
+        self.calls.write("HSET", &args)?;
+        COUNTERS.rows_written.incr();
+        Ok(())
+    }
+
+    /// Deletes the row the entity at `key` owns, if any, and forgets the entity.
+    fn remove(&mut self, kind: Kind, key: &[u8]) -> Result<Action, SyncError> {
+        COUNTERS.removes.incr();
+        let state_key = store::state_key(kind);
+        let Some(state) = self.entity_state(&state_key, key)? else {
+            return Ok(Action::Nothing);
+        };
+        let owner_field = store::owner_field(&state.row);
+        let owner = self.calls.read("HGET", &[state_key.as_bytes(), &owner_field])?.into_bulk();
+        if owner.as_deref() == Some(key) {
+            self.calls.write("DEL", &[state.row.as_bytes()])?;
+            self.calls
+                .write("HDEL", &[state_key.as_bytes(), &store::entity_field(key), &owner_field])?;
+            COUNTERS.rows_deleted.incr();
+            if kind == Kind::Domain {
+                self.reload_dbs.insert(self.db);
+            }
+        } else {
+            // The row went to another entity meanwhile (a repair did it): leave it.
+            self.calls.write("HDEL", &[state_key.as_bytes(), &store::entity_field(key)])?;
+        }
+        Ok(Action::Removed { row: state.row })
+    }
+
+    /// A RENAME within one kind: the state, and with it id, dateCreated and row ownership,
+    /// follows the key. An entity that the rename overwrote loses its row first.
+    fn transfer(&mut self, db: i32, from: &[u8], to: &[u8]) -> Result<(), SyncError> {
+        self.select(db)?;
+        let (Some(kind), Some(to_kind)) = (self.config.kind_of(from), self.config.kind_of(to))
+        else {
+            return Ok(());
+        };
+        if kind != to_kind || from == to {
+            return Ok(());
+        }
+        let state_key = store::state_key(kind);
+        let Some(state) = self.entity_state(&state_key, from)? else {
+            return Ok(());
+        };
+        if self.entity_state(&state_key, to)?.is_some() {
+            self.remove(kind, to)?;
+        }
+        self.calls.write(
+            "HSET",
+            &[
+                state_key.as_bytes(),
+                &store::entity_field(to),
+                state.encode().as_bytes(),
+                &store::owner_field(&state.row),
+                to,
+            ],
+        )?;
+        self.calls.write("HDEL", &[state_key.as_bytes(), &store::entity_field(from)])?;
+        Ok(())
+    }
+
+    fn report(&self, db: i32, key: &[u8], err: &SyncError) {
+        COUNTERS.count_error(err);
+        let printable = stats::printable_key(key);
+        let (may_log, suppressed) = stats::may_warn(self.clock.now_ms / 1000);
+        if may_log {
+            let mut line = format!("{printable} (db {db}) not synced: {err}");
+            if suppressed > 0 {
+                line.push_str(&format!(" [{suppressed} similar warnings suppressed]"));
+            }
+            self.calls.ctx.log_warning(&line);
+        }
+        stats::record_error(ErrorRecord {
+            time_ms: self.clock.now_ms,
+            db,
+            key: printable,
+            reason: err.to_string(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn last_modified_uses_a_24_hour_clock() {
+        let afternoon = chrono::Utc.with_ymd_and_hms(2026, 3, 4, 17, 5, 9).unwrap();
+
+        assert_eq!(
+            format_last_modified(&afternoon, LastModifiedFormat::Datetime),
+            "2026-03-04 17:05:09"
+        );
+        assert_eq!(format_last_modified(&afternoon, LastModifiedFormat::Epoch), "1772643909");
+    }
+}
