@@ -143,7 +143,7 @@ pub fn sync(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let _guard = OwnWrites::hold();
     let db = Calls::selected_db(ctx);
-    let mut syncer = Syncer::new(Calls::new(ctx), config);
+    let mut syncer = Syncer::new(Calls::new(ctx), config).verifying_rows();
     let result = syncer.reconcile(db, key.as_slice());
     syncer.finish();
     match result? {

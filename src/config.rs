@@ -422,7 +422,8 @@ mod tests {
 
     #[test]
     fn validate_refuses_overlaps_and_empties_with_the_setting_name() {
-        let cases: [(fn(&mut Config), &str); 7] = [
+        type Change = fn(&mut Config);
+        let cases: [(Change, &str); 7] = [
             (|c| c.domain_prefix.clear(), "kamsync.domain-prefix must not be empty"),
             (|c| c.credential_prefix = "sipdomain:x".into(), "overlap"),
             (|c| c.domain_prefix = "domain:".into(), "overlaps kamsync's own key space"),

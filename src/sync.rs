@@ -84,13 +84,23 @@ pub struct Syncer<'a> {
     /// Databases whose domain table changed: each gets one reload request at [`finish`].
     reload_dbs: BTreeSet<i32>,
     db: i32,
+    /// Also compare rows with what Redis holds, not only with the remembered fingerprint: finds
+    /// rows changed or deleted behind kamsync's back. Off on the write path (one more read per
+    /// event), on for commands.
+    verify_rows: bool,
 }
 
 impl<'a> Syncer<'a> {
     pub fn new(calls: Calls<'a>, config: Config) -> Self {
         let clock = Clock::now(config.last_modified_format);
         let db = Calls::selected_db(calls.ctx);
-        Syncer { calls, config, clock, reload_dbs: BTreeSet::new(), db }
+        Syncer { calls, config, clock, reload_dbs: BTreeSet::new(), db, verify_rows: false }
+    }
+
+    /// See [`Syncer::verify_rows`](Self).
+    pub fn verifying_rows(mut self) -> Self {
+        self.verify_rows = true;
+        self
     }
 
     /// Runs queued ops: moves first, in order, then one reconcile per distinct key. Reconciles
@@ -227,7 +237,7 @@ impl<'a> Syncer<'a> {
         }
         let unchanged =
             state.as_ref().is_some_and(|s| s.row == row.key && s.fingerprint == fingerprint);
-        if unchanged {
+        if unchanged && (!self.verify_rows || self.row_matches(&row, id)?) {
             COUNTERS.rows_unchanged.incr();
             return Ok(Action::Unchanged { id, row: row.key });
         }
@@ -303,6 +313,29 @@ impl<'a> Syncer<'a> {
         );
         self.calls.write("JSON.MERGE", &[key, b"$", patch.as_bytes()])?;
         Ok(())
+    }
+
+    /// Whether the row in Redis has exactly the content kamsync would write (`last_modified`
+    /// aside).
+    fn row_matches(&self, row: &Row, id: i64) -> Result<bool, SyncError> {
+        let Reply::Array(items) = self.calls.read("HGETALL", &[row.key.as_bytes()])? else {
+            return Ok(false);
+        };
+        let mut actual: Vec<(Vec<u8>, Vec<u8>)> = items
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [Reply::Bulk(name), Reply::Bulk(value)] => Some((name.clone(), value.clone())),
+                _ => None,
+            })
+            .filter(|(name, _)| name != b"last_modified")
+            .collect();
+        let mut expected: Vec<(Vec<u8>, Vec<u8>)> = std::iter::once(("id", id.to_string()))
+            .chain(row.fields.iter().cloned())
+            .map(|(name, value)| (name.as_bytes().to_vec(), value.into_bytes()))
+            .collect();
+        actual.sort();
+        expected.sort();
+        Ok(actual == expected)
     }
 
     fn write_row(&self, row: &Row, id: i64) -> Result<(), SyncError> {
