@@ -6,7 +6,9 @@
 
 use std::sync::LazyLock;
 
-use redis_module::{raw, CallOptions, CallOptionsBuilder, CallReply, CallResult, Context};
+use redis_module::{
+    raw, CallOptions, CallOptionsBuilder, CallReply, CallResult, Context, RedisString,
+};
 
 use crate::error::SyncError;
 
@@ -73,7 +75,8 @@ impl<'a> Calls<'a> {
 
     /// The type of a key, through the key API (no command dispatch).
     pub fn key_kind(&self, key: &[u8]) -> KeyKind {
-        let name = self.ctx.create_string(key);
+        // Not `create_string`: it goes through a C string and stops at a NUL in a binary key.
+        let name = RedisString::create_from_slice(self.ctx.ctx, key);
         let handle = self.ctx.open_key(&name);
         match handle.key_type() {
             raw::KeyType::Empty => KeyKind::Missing,

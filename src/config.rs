@@ -122,6 +122,18 @@ impl Config {
 
     /// Checks the rules that span settings. The message names the setting to change.
     pub fn validate(&self) -> Result<(), String> {
+        let all_strings = [
+            ("domain-prefix", &self.domain_prefix),
+            ("credential-prefix", &self.credential_prefix),
+            ("domain-sequence", &self.domain_sequence),
+            ("subscriber-sequence", &self.subscriber_sequence),
+            ("reload-stream", &self.reload_stream),
+        ];
+        for (name, value) in all_strings {
+            if value.chars().any(char::is_control) {
+                return Err(format!("kamsync.{name} must not contain control characters"));
+            }
+        }
         for (name, table) in
             [("domain-table", &self.domain_table), ("subscriber-table", &self.subscriber_table)]
         {
@@ -423,7 +435,8 @@ mod tests {
     #[test]
     fn validate_refuses_overlaps_and_empties_with_the_setting_name() {
         type Change = fn(&mut Config);
-        let cases: [(Change, &str); 7] = [
+        let cases: [(Change, &str); 8] = [
+            (|c| c.reload_stream = "a\0b".into(), "must not contain control characters"),
             (|c| c.domain_prefix.clear(), "kamsync.domain-prefix must not be empty"),
             (|c| c.credential_prefix = "sipdomain:x".into(), "overlap"),
             (|c| c.domain_prefix = "domain:".into(), "overlaps kamsync's own key space"),

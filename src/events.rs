@@ -117,11 +117,14 @@ pub fn on_event(ctx: &Context, event: &str, key: &[u8]) {
         _ => {
             let dropped = std::mem::take(&mut QUEUE.lock().unwrap_or_else(|p| p.into_inner()).ops);
             COUNTERS.events_ignored.add(dropped.len() as u64);
-            ctx.log_warning(&format!(
-                "could not schedule a post-notification job; {} queued change(s) not synced, \
+            crate::log::warning(
+                ctx,
+                &format!(
+                    "could not schedule a post-notification job; {} queued change(s) not synced, \
                  KAMSYNC.SYNC or a resync will catch up",
-                dropped.len()
-            ));
+                    dropped.len()
+                ),
+            );
         }
     }
 }
@@ -139,7 +142,8 @@ fn run_job(ctx: &Context) {
         syncer.finish();
     }));
     if result.is_err() {
-        ctx.log_warning(
+        crate::log::warning(
+            ctx,
             "internal error while syncing (a bug in kamsync); the server keeps running",
         );
     }

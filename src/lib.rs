@@ -11,7 +11,7 @@
 //! * [`mapping`]: entity document → Kamailio row, validation, HA1. No Redis in it.
 //! * [`store`]: what kamsync remembers per entity and how it is laid out in Redis.
 //! * [`calls`]: the only place commands are issued (replicated writes).
-//! * [`commands`], [`info`], [`stats`]: what operators see.
+//! * [`commands`], [`info`], [`stats`], [`log`]: what operators see.
 //! * [`error`]: the one error type.
 
 pub mod calls;
@@ -20,6 +20,7 @@ pub mod config;
 pub mod error;
 pub mod events;
 pub mod info;
+pub mod log;
 pub mod mapping;
 pub mod stats;
 pub mod store;
@@ -49,7 +50,8 @@ pub fn cluster_mode() -> bool {
 fn init(ctx: &Context, args: &[RedisString]) -> Status {
     // SAFETY: reading a function pointer the API export filled in (or left empty).
     if unsafe { raw::RedisModule_AddPostNotificationJob }.is_none() {
-        ctx.log_warning(
+        crate::log::warning(
+            ctx,
             "kamsync needs Redis 7.2 or newer (or Valkey 7.2 or newer): this server lacks \
              RedisModule_AddPostNotificationJob, without which writes cannot be synced \
              atomically. Module not loaded.",
@@ -57,37 +59,41 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         return Status::Err;
     }
     if let Err(why) = config::register(ctx, args) {
-        ctx.log_warning(&format!("{why}. Module not loaded."));
+        crate::log::warning(ctx, &format!("{why}. Module not loaded."));
         return Status::Err;
     }
     let refusals = config::load_refusals();
     if !refusals.is_empty() {
         for why in refusals {
-            ctx.log_warning(&format!("invalid configuration: {why}. Module not loaded."));
+            crate::log::warning(ctx, &format!("invalid configuration: {why}. Module not loaded."));
         }
         return Status::Err;
     }
     if let Err(why) = register(ctx) {
-        ctx.log_warning(&format!("{why}. Module not loaded."));
+        crate::log::warning(ctx, &format!("{why}. Module not loaded."));
         return Status::Err;
     }
     config::mark_loaded();
     if ctx.get_flags().contains(ContextFlags::CLUSTER) {
         CLUSTER_MODE.store(true, Ordering::Relaxed);
-        ctx.log_warning(
+        crate::log::warning(
+            ctx,
             "cluster mode is not supported yet: rows of entities on this shard may belong to \
              other shards, and writes to them will fail and be counted as redis_errors",
         );
     }
     let config = config::get();
-    ctx.log_notice(&format!(
-        "kamsync {} loaded: '{}*' -> {}, '{}*' -> {}",
-        env!("CARGO_PKG_VERSION"),
-        config.domain_prefix,
-        config.domain_table,
-        config.credential_prefix,
-        config.subscriber_table,
-    ));
+    crate::log::notice(
+        ctx,
+        &format!(
+            "kamsync {} loaded: '{}*' -> {}, '{}*' -> {}",
+            env!("CARGO_PKG_VERSION"),
+            config.domain_prefix,
+            config.domain_table,
+            config.credential_prefix,
+            config.subscriber_table,
+        ),
+    );
     Status::Ok
 }
 
@@ -124,7 +130,10 @@ extern "C" fn keyspace_callback(
         events::on_event(&context, event, key);
     }));
     if result.is_err() {
-        Context::new(ctx).log_warning("internal error in the keyspace callback (a bug in kamsync)");
+        crate::log::warning(
+            &Context::new(ctx),
+            "internal error in the keyspace callback (a bug in kamsync)",
+        );
     }
     raw::REDISMODULE_OK as c_int
 }

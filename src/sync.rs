@@ -419,7 +419,7 @@ impl<'a> Syncer<'a> {
             if suppressed > 0 {
                 line.push_str(&format!(" [{suppressed} similar warnings suppressed]"));
             }
-            self.calls.ctx.log_warning(&line);
+            crate::log::warning(self.calls.ctx, &line);
         }
         stats::record_error(ErrorRecord {
             time_ms: self.clock.now_ms,
