@@ -61,8 +61,8 @@ impl fmt::Display for SyncError {
             SyncError::BadJson(why) => write!(f, "the document could not be parsed: {why}"),
             SyncError::Conflict { row, owner } => write!(
                 f,
-                "row {row} already belongs to {owner}; this entity is not synced until that one \
-                 releases it"
+                "row {row} already belongs to {owner}; this entity waits and takes the row when \
+                 that one lets it go"
             ),
             SyncError::Redis { command, message } => write!(f, "{command} failed: {message}"),
             SyncError::Config(why) => f.write_str(why),

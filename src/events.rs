@@ -59,7 +59,8 @@ pub enum Queued {
     Ops(Vec<Op>),
 }
 
-/// Pure decision: which ops an event queues. `rename_from` is the pending first half of a RENAME.
+/// Pure decision: which ops an event queues. `rename_from` is the source of the RENAME whose
+/// `rename_to` this may be.
 pub fn ops_for_event(
     event: &str,
     db: i32,
@@ -71,16 +72,10 @@ pub fn ops_for_event(
     }
     let reconcile = Op::Reconcile { db, key: key.to_vec() };
     match event {
-        "rename_from" => {
-            *rename_from = Some((db, key.to_vec()));
-            Queued::Ops(vec![reconcile])
+        "rename_to" => {
+            let from = rename_from.take().filter(|(from_db, _)| *from_db == db).map(|(_, k)| k);
+            Queued::Ops(vec![Op::Move { db, from, to: key.to_vec() }, reconcile])
         }
-        "rename_to" => match rename_from.take() {
-            Some((from_db, from)) if from_db == db => {
-                Queued::Ops(vec![Op::Move { db, from, to: key.to_vec() }, reconcile])
-            }
-            _ => Queued::Ops(vec![reconcile]),
-        },
         _ => Queued::Ops(vec![reconcile]),
     }
 }
@@ -89,6 +84,12 @@ pub fn ops_for_event(
 pub fn on_event(ctx: &Context, event: &str, key: &[u8]) {
     if OWN_WRITES.load(Ordering::SeqCst) {
         return;
+    }
+    if event == "rename_from" {
+        // Kept whatever the key, so that the `rename_to` that follows (RENAME fires both, in
+        // this order) pairs with its own source and never with an older one.
+        let mut queue = QUEUE.lock().unwrap_or_else(|p| p.into_inner());
+        queue.rename_from = Some((Calls::selected_db(ctx), key.to_vec()));
     }
     if config::get().kind_of(key).is_none() {
         return;
@@ -179,17 +180,15 @@ mod tests {
     }
 
     #[test]
-    fn rename_in_one_db_queues_a_move_before_the_reconciles() {
-        let mut pending = None;
+    fn rename_to_queues_a_move_from_its_source_before_the_reconcile() {
+        let mut pending = Some((0, b"a".to_vec()));
 
-        let from = ops_for_event("rename_from", 0, b"a", &mut pending);
         let to = ops_for_event("rename_to", 0, b"b", &mut pending);
 
-        assert_eq!(from, Queued::Ops(vec![reconcile(0, b"a")]));
         assert_eq!(
             to,
             Queued::Ops(vec![
-                Op::Move { db: 0, from: b"a".to_vec(), to: b"b".to_vec() },
+                Op::Move { db: 0, from: Some(b"a".to_vec()), to: b"b".to_vec() },
                 reconcile(0, b"b")
             ])
         );
@@ -197,11 +196,17 @@ mod tests {
     }
 
     #[test]
-    fn rename_to_without_its_source_half_only_reconciles() {
+    fn rename_to_without_a_source_in_its_db_still_replaces_the_target() {
         let mut pending = Some((1, b"a".to_vec()));
 
         let to = ops_for_event("rename_to", 2, b"b", &mut pending);
 
-        assert_eq!(to, Queued::Ops(vec![reconcile(2, b"b")]));
+        assert_eq!(
+            to,
+            Queued::Ops(vec![
+                Op::Move { db: 2, from: None, to: b"b".to_vec() },
+                reconcile(2, b"b")
+            ])
+        );
     }
 }

@@ -7,7 +7,11 @@
 //! * `r:<row key>` → `<entity key>`: which entity owns a row, so a second entity that maps to the
 //!   same row is recognised as a conflict.
 //!
-//! Both live in the same hash so that one `HMGET` answers "what do I know about this entity, and
+//! * `w:<row key>` → the entities refused because that row was taken (see
+//!   [`encode_waiters`]): when the owner lets the row go, they are reconciled at once, and the
+//!   first still mapping to it takes it.
+//!
+//! All live in the same hash so that one `HMGET` answers "what do I know about this entity, and
 //! who owns the row it wants", and one `HSET` records both. Kamailio never reads this hash, and
 //! the state outlives the entity key until the row is removed: a delete finds the row here.
 
@@ -26,6 +30,39 @@ pub fn entity_field(entity_key: &[u8]) -> Vec<u8> {
 /// Field naming a row's owner.
 pub fn owner_field(row_key: &str) -> Vec<u8> {
     [b"r:".as_slice(), row_key.as_bytes()].concat()
+}
+
+/// Field listing the entities waiting for a row.
+pub fn waiters_field(row_key: &str) -> Vec<u8> {
+    [b"w:".as_slice(), row_key.as_bytes()].concat()
+}
+
+/// Entity keys are binary, so the list is length-prefixed: `<len>:<key>` repeated.
+pub fn encode_waiters(keys: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for key in keys {
+        out.extend_from_slice(key.len().to_string().as_bytes());
+        out.push(b':');
+        out.extend_from_slice(key);
+    }
+    out
+}
+
+/// The keys of an [`encode_waiters`] value; a malformed tail is dropped.
+pub fn decode_waiters(mut raw: &[u8]) -> Vec<Vec<u8>> {
+    let mut keys = Vec::new();
+    while let Some(colon) = raw.iter().position(|&b| b == b':') {
+        let Some(len) = std::str::from_utf8(&raw[..colon]).ok().and_then(|n| n.parse().ok()) else {
+            break;
+        };
+        let rest = &raw[colon + 1..];
+        if rest.len() < len {
+            break;
+        }
+        keys.push(rest[..len].to_vec());
+        raw = &rest[len..];
+    }
+    keys
 }
 
 /// The remembered state of one synced entity.
@@ -101,6 +138,15 @@ mod tests {
         {
             assert_eq!(EntityState::decode(raw), None, "{raw:?}");
         }
+    }
+
+    #[test]
+    fn waiter_lists_round_trip_binary_keys() {
+        let keys = vec![b"sipdomain:a".to_vec(), b"sip:\x00:9:x".to_vec(), Vec::new()];
+
+        assert_eq!(decode_waiters(&encode_waiters(&keys)), keys);
+        assert_eq!(decode_waiters(b"3:abc9:short"), vec![b"abc".to_vec()]);
+        assert!(decode_waiters(b"garbage").is_empty());
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | a valid document | none | new id from the sequence, row written, state recorded |
 //! | a valid document | some | same id; row rewritten only if its content changed; if the row key changed, the old row is deleted first |
-//! | a valid document whose row another entity owns | any | conflict: nothing written, error recorded |
+//! | a valid document whose row another entity owns | any | conflict: recorded as waiting for the row, error recorded; gets the row when the owner lets it go |
 //! | an invalid document | any | nothing written (the last good row stays), error recorded |
 //! | nothing | some | row deleted (if still owned), state forgotten |
 //! | a non-JSON value | some or none | as "nothing", plus an error recorded |
@@ -32,8 +32,9 @@ use crate::store::{self, EntityState};
 pub enum Op {
     /// Make the entity at `key` and its row agree.
     Reconcile { db: i32, key: Vec<u8> },
-    /// RENAME within one kind: the entity keeps its id and row under its new key.
-    Move { db: i32, from: Vec<u8>, to: Vec<u8> },
+    /// RENAME onto `to`: whatever entity `to` held is gone (its row goes); if `from` was an
+    /// entity of the same kind, it keeps its id and row under its new key.
+    Move { db: i32, from: Option<Vec<u8>>, to: Vec<u8> },
 }
 
 /// What a reconcile did, for `KAMSYNC.SYNC` and the tests.
@@ -88,13 +89,23 @@ pub struct Syncer<'a> {
     /// rows changed or deleted behind kamsync's back. Off on the write path (one more read per
     /// event), on for commands.
     verify_rows: bool,
+    /// Entities refused for a row that this batch released: reconciled at [`finish`].
+    waiters: Vec<(i32, Vec<u8>)>,
 }
 
 impl<'a> Syncer<'a> {
     pub fn new(calls: Calls<'a>, config: Config) -> Self {
         let clock = Clock::now(config.last_modified_format);
         let db = Calls::selected_db(calls.ctx);
-        Syncer { calls, config, clock, reload_dbs: BTreeSet::new(), db, verify_rows: false }
+        Syncer {
+            calls,
+            config,
+            clock,
+            reload_dbs: BTreeSet::new(),
+            db,
+            verify_rows: false,
+            waiters: Vec::new(),
+        }
     }
 
     /// See [`Syncer::verify_rows`](Self).
@@ -112,8 +123,8 @@ impl<'a> Syncer<'a> {
         for op in ops {
             match op {
                 Op::Move { db, from, to } => {
-                    if let Err(err) = self.transfer(db, &from, &to) {
-                        self.report(db, &from, &err);
+                    if let Err(err) = self.transfer(db, from.as_deref(), &to) {
+                        self.report(db, &to, &err);
                     }
                 }
                 Op::Reconcile { db, key } => {
@@ -129,9 +140,10 @@ impl<'a> Syncer<'a> {
         }
     }
 
-    /// Appends one reload request per database whose domain rows changed, and restores the
-    /// database the context had selected.
+    /// Hands released rows to the entities waiting for them, appends one reload request per
+    /// database whose domain rows changed, and restores the database the context had selected.
     pub fn finish(mut self) {
+        self.serve_waiters();
         let original = self.db;
         let dbs = std::mem::take(&mut self.reload_dbs);
         for db in dbs {
@@ -156,6 +168,16 @@ impl<'a> Syncer<'a> {
             }
         }
         let _ = self.select(original);
+    }
+
+    /// Reconciles the entities that were waiting for a row released in this batch. Each one
+    /// that still maps to the row takes it or, if another waiter was first, waits again. The
+    /// bound only guards against a bug looping forever.
+    fn serve_waiters(&mut self) {
+        for _ in 0..10_000 {
+            let Some((db, key)) = self.waiters.pop() else { return };
+            let _ = self.reconcile(db, &key);
+        }
     }
 
     /// Brings one entity key and its row in line; reports (counts, logs, records) any error.
@@ -217,6 +239,7 @@ impl<'a> Syncer<'a> {
         let state_key = store::state_key(kind);
         let (state, owner) = self.state_and_owner(&state_key, key, &row.key)?;
         if let Some(owner) = owner.filter(|owner| owner.as_slice() != key) {
+            self.wait_for(&state_key, &row.key, key)?;
             return Err(SyncError::Conflict { row: row.key, owner: stats::printable_key(&owner) });
         }
 
@@ -232,7 +255,9 @@ impl<'a> Syncer<'a> {
         let old_row = state.as_ref().map(|s| s.row.as_str()).filter(|old| *old != row.key);
         if let Some(old_row) = old_row {
             self.calls.write("DEL", &[old_row.as_bytes()])?;
-            self.calls.write("HDEL", &[state_key.as_bytes(), &store::owner_field(old_row)])?;
+            let waiters =
+                self.calls.read("HGET", &[state_key.as_bytes(), &store::waiters_field(old_row)])?;
+            self.release(&state_key, old_row, waiters.into_bulk(), &[])?;
             COUNTERS.rows_deleted.incr();
         }
         let unchanged =
@@ -361,41 +386,96 @@ impl<'a> Syncer<'a> {
         let Some(state) = self.entity_state(&state_key, key)? else {
             return Ok(Action::Nothing);
         };
-        let owner_field = store::owner_field(&state.row);
-        let owner = self.calls.read("HGET", &[state_key.as_bytes(), &owner_field])?.into_bulk();
+        let entity_field = store::entity_field(key);
+        let reply = self.calls.read(
+            "HMGET",
+            &[
+                state_key.as_bytes(),
+                &store::owner_field(&state.row),
+                &store::waiters_field(&state.row),
+            ],
+        )?;
+        let (owner, waiters) = match reply {
+            Reply::Array(items) => {
+                let mut items = items.into_iter().map(Reply::into_bulk);
+                (items.next().flatten(), items.next().flatten())
+            }
+            _ => (None, None),
+        };
         if owner.as_deref() == Some(key) {
             self.calls.write("DEL", &[state.row.as_bytes()])?;
-            self.calls
-                .write("HDEL", &[state_key.as_bytes(), &store::entity_field(key), &owner_field])?;
+            self.release(&state_key, &state.row, waiters, &entity_field)?;
             COUNTERS.rows_deleted.incr();
             if kind == Kind::Domain {
                 self.reload_dbs.insert(self.db);
             }
         } else {
             // The row went to another entity meanwhile (a repair did it): leave it.
-            self.calls.write("HDEL", &[state_key.as_bytes(), &store::entity_field(key)])?;
+            self.calls.write("HDEL", &[state_key.as_bytes(), &entity_field])?;
         }
         Ok(Action::Removed { row: state.row })
     }
 
-    /// A RENAME within one kind: the state, and with it id, dateCreated and row ownership,
-    /// follows the key. An entity that the rename overwrote loses its row first.
-    fn transfer(&mut self, db: i32, from: &[u8], to: &[u8]) -> Result<(), SyncError> {
+    /// Drops the ownership of a deleted row (and `also`, another field to delete in the same
+    /// HDEL), and queues the entities that were waiting for it.
+    fn release(
+        &mut self,
+        state_key: &str,
+        row: &str,
+        waiters: Option<Vec<u8>>,
+        also: &[u8],
+    ) -> Result<(), SyncError> {
+        let owner_field = store::owner_field(row);
+        let waiters_field = store::waiters_field(row);
+        let mut fields: Vec<&[u8]> = vec![state_key.as_bytes(), &owner_field];
+        if !also.is_empty() {
+            fields.push(also);
+        }
+        if waiters.is_some() {
+            fields.push(&waiters_field);
+        }
+        self.calls.write("HDEL", &fields)?;
+        for waiter in waiters.as_deref().map(store::decode_waiters).unwrap_or_default() {
+            self.waiters.push((self.db, waiter));
+        }
+        Ok(())
+    }
+
+    /// Records `key` among the entities waiting for `row`.
+    fn wait_for(&self, state_key: &str, row: &str, key: &[u8]) -> Result<(), SyncError> {
+        let field = store::waiters_field(row);
+        let current = self.calls.read("HGET", &[state_key.as_bytes(), &field])?.into_bulk();
+        let mut waiters = current.as_deref().map(store::decode_waiters).unwrap_or_default();
+        if waiters.iter().any(|w| w.as_slice() == key) {
+            return Ok(());
+        }
+        waiters.push(key.to_vec());
+        self.calls
+            .write("HSET", &[state_key.as_bytes(), &field, &store::encode_waiters(&waiters)])?;
+        Ok(())
+    }
+
+    /// A RENAME onto `to`. The entity `to` held before is gone: its row goes. If `from` was a
+    /// synced entity of the same kind, its state — id, dateCreated, row ownership — follows the
+    /// key; the reconcile of `to` that follows then finds nothing to change.
+    fn transfer(&mut self, db: i32, from: Option<&[u8]>, to: &[u8]) -> Result<(), SyncError> {
         self.select(db)?;
-        let (Some(kind), Some(to_kind)) = (self.config.kind_of(from), self.config.kind_of(to))
-        else {
+        let Some(kind) = self.config.kind_of(to) else {
             return Ok(());
         };
-        if kind != to_kind || from == to {
+        if from == Some(to) {
             return Ok(());
         }
         let state_key = store::state_key(kind);
-        let Some(state) = self.entity_state(&state_key, from)? else {
-            return Ok(());
-        };
         if self.entity_state(&state_key, to)?.is_some() {
             self.remove(kind, to)?;
         }
+        let Some(from) = from.filter(|from| self.config.kind_of(from) == Some(kind)) else {
+            return Ok(());
+        };
+        let Some(state) = self.entity_state(&state_key, from)? else {
+            return Ok(());
+        };
         self.calls.write(
             "HSET",
             &[

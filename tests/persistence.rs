@@ -43,6 +43,18 @@ pub fn mixed_workload(con: &mut Connection) {
             }
         }
     }
+    // The lifecycle: renames, moves, copies, expiry, overwrites, root deletes.
+    let _: () = cmd("RENAME").arg("sipdomain:1").arg("sipdomain:renamed").query(con).unwrap();
+    let _: () = cmd("RENAME").arg("credential:2").arg("credential:4").query(con).unwrap();
+    let _: bool = cmd("MOVE").arg("sipdomain:2").arg(1).query(con).unwrap();
+    let _: bool =
+        cmd("COPY").arg("credential:5").arg("credential:5").arg("DB").arg(2).query(con).unwrap();
+    let _: () = cmd("PEXPIRE").arg("credential:8").arg(1).query(con).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let _: bool = cmd("EXISTS").arg("credential:8").query(con).unwrap();
+    let _: () = cmd("SET").arg("credential:9").arg("plain").query(con).unwrap();
+    let _: i64 = cmd("JSON.DEL").arg("sipdomain:4").arg("$").query(con).unwrap();
+    let _: () = cmd("DEL").arg("sipdomain:3").query(con).unwrap();
     let _: () = redis::pipe()
         .atomic()
         .cmd("JSON.SET")
@@ -98,9 +110,14 @@ on_every_server! {
         wait_for_replica(&mut con, &replica);
 
         let mut replica_con = replica.connect();
-        let on_primary = dump_all(&mut con);
-        assert!(on_primary.len() > 40, "workload produced {} keys", on_primary.len());
-        assert_eq!(on_primary, dump_all(&mut replica_con));
+        for db in 0..3 {
+            for c in [&mut con, &mut replica_con] {
+                let _: () = cmd("SELECT").arg(db).query(c).unwrap();
+            }
+            let on_primary = dump_all(&mut con);
+            assert!(on_primary.len() > 1, "db {db}: workload produced {} keys", on_primary.len());
+            assert_eq!(on_primary, dump_all(&mut replica_con), "db {db}");
+        }
         assert_eq!(replica.counter(&mut replica_con, "jobs_run"), 0);
         assert!(replica.counter(&mut replica_con, "events_ignored") > 0);
     }
