@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const KEYS_PER_KIND: usize = 40;
+const KEYS_PER_KIND: usize = 150;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
@@ -222,8 +222,8 @@ fn check_against_model(con: &mut Connection, model: &Model, seed: u64) {
 }
 
 on_every_server! {
-    /// 1500 random creates, updates, row key changes, invalid writes, deletes, expiries,
-    /// overwrites, RENAMEs, root JSON.DELs and MULTIs over 80 keys: afterwards the rows are
+    /// 3000 random creates, updates, row key changes, invalid writes, deletes, expiries,
+    /// overwrites, RENAMEs, root JSON.DELs and MULTIs over 300 keys: afterwards the rows are
     /// exactly those the model expects (no orphan, none missing), ids unique and stable.
     fn random_operation_sequences_leave_exactly_the_expected_rows(flavor: Flavor) {
         let seed = std::env::var("KAMSYNC_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
@@ -233,9 +233,9 @@ on_every_server! {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut model = Model { slots: BTreeMap::new(), ids: BTreeMap::new(), version: 0 };
 
-        for step in 0..1500 {
+        for step in 0..3000 {
             random_op(&mut rng, &mut con, &mut model);
-            if step % 500 == 499 {
+            if step % 1000 == 999 {
                 check_against_model(&mut con, &model, seed);
             }
         }
