@@ -8,7 +8,8 @@ use crate::calls::Calls;
 use crate::config;
 use crate::events::OwnWrites;
 use crate::stats::{self, COUNTERS};
-use crate::sync::{Action, Syncer};
+use crate::sync::{Action, Adoption, Syncer};
+use crate::tasks::{self, TaskKind};
 
 fn text(s: impl Into<String>) -> RedisValue {
     RedisValue::BulkString(s.into())
@@ -91,6 +92,8 @@ pub fn status(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         RedisValue::Array(settings),
         text("counters"),
         RedisValue::Array(counters),
+        text("task"),
+        RedisValue::Array(task_fields()),
         text("recent_errors"),
         RedisValue::Array(errors),
     ]))
@@ -143,13 +146,92 @@ pub fn sync(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let _guard = OwnWrites::hold();
     let db = Calls::selected_db(ctx);
-    let mut syncer = Syncer::new(Calls::new(ctx), config).verifying_rows();
+    let mut syncer = Syncer::new(Calls::new(ctx), config).for_command(Adoption::default());
     let result = syncer.reconcile(db, key.as_slice());
     syncer.finish();
     match result? {
         Action::Written { id, row } => Ok(text(format!("written {row} id {id}"))),
         Action::Unchanged { id, row } => Ok(text(format!("unchanged {row} id {id}"))),
         Action::Removed { row } => Ok(text(format!("removed {row}"))),
-        Action::Nothing => Ok(text("nothing to do")),
+        Action::Nothing | Action::Deferred => Ok(text("nothing to do")),
     }
+}
+
+/// `KAMSYNC.RESYNC [ABORT]`: syncs every entity of the client's database in the background.
+pub fn resync(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    match args.len() {
+        1 => {}
+        2 if args[1].to_string_lossy().eq_ignore_ascii_case("abort") => {
+            return Ok(text(if tasks::abort() { "aborting" } else { "nothing running" }));
+        }
+        _ => return Err(RedisError::WrongArity),
+    }
+    refuse_on_replica(ctx, "KAMSYNC.RESYNC")?;
+    tasks::start(ctx, TaskKind::Resync, None)?;
+    Ok(text("started; KAMSYNC.STATUS shows progress"))
+}
+
+/// `KAMSYNC.CHECK [REPAIR]`: compares every entity with its row and looks for orphan rows; the
+/// client waits for the report while Redis keeps serving others.
+pub fn check(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
+    let repair = match args.len() {
+        1 => false,
+        2 if args[1].to_string_lossy().eq_ignore_ascii_case("repair") => true,
+        _ => return Err(RedisError::WrongArity),
+    };
+    if repair {
+        refuse_on_replica(ctx, "KAMSYNC.CHECK REPAIR")?;
+    }
+    if ctx.get_flags().intersects(ContextFlags::MULTI | ContextFlags::LUA) {
+        return Err(RedisError::Str("ERR KAMSYNC.CHECK cannot run inside MULTI or a script"));
+    }
+    tasks::ensure_idle()?;
+    let client = ctx.block_client();
+    tasks::start(ctx, TaskKind::Check { repair }, Some(client))?;
+    Ok(RedisValue::NoReply)
+}
+
+fn refuse_on_replica(ctx: &Context, command: &str) -> Result<(), RedisError> {
+    if ctx.get_flags().contains(ContextFlags::SLAVE) {
+        return Err(RedisError::String(format!(
+            "ERR {command} writes, and kamsync writes only on the primary; run it there"
+        )));
+    }
+    Ok(())
+}
+
+/// STATUS fields of the running or last background task.
+fn task_fields() -> Vec<RedisValue> {
+    let (running, last) = tasks::snapshot();
+    let mut fields = Vec::new();
+    if let Some(running) = running {
+        fields.extend([
+            text("state"),
+            text("running"),
+            text("task"),
+            text(running.kind.name()),
+            text("db"),
+            int(running.db),
+            text("elapsed_ms"),
+            int(running.elapsed_ms),
+            text("remaining_estimate"),
+            int(running.remaining),
+        ]);
+        fields.extend(tasks::progress_fields(&running.progress));
+    } else if let Some(last) = last {
+        fields.extend([
+            text("state"),
+            text(last.outcome),
+            text("task"),
+            text(last.kind.name()),
+            text("db"),
+            int(last.db),
+            text("duration_ms"),
+            int(last.duration_ms),
+        ]);
+        fields.extend(tasks::progress_fields(&last.progress));
+    } else {
+        fields.extend([text("state"), text("none")]);
+    }
+    fields
 }

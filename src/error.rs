@@ -22,6 +22,8 @@ pub enum SyncError {
     Redis { command: &'static str, message: String },
     /// A configuration value was refused.
     Config(String),
+    /// A background task is already running (what it is and how to see or stop it).
+    Busy(String),
 }
 
 impl SyncError {
@@ -40,6 +42,7 @@ impl SyncError {
             SyncError::Conflict { .. } => "conflict",
             SyncError::Redis { .. } => "redis",
             SyncError::Config(_) => "config",
+            SyncError::Busy(_) => "busy",
         }
     }
 }
@@ -65,7 +68,7 @@ impl fmt::Display for SyncError {
                  that one lets it go"
             ),
             SyncError::Redis { command, message } => write!(f, "{command} failed: {message}"),
-            SyncError::Config(why) => f.write_str(why),
+            SyncError::Config(why) | SyncError::Busy(why) => f.write_str(why),
         }
     }
 }

@@ -20,5 +20,21 @@ pub extern "C" fn info_func(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report
         for (name, value) in COUNTERS.snapshot() {
             raw::add_info_field_long_long(ctx, name, i64::try_from(value).unwrap_or(i64::MAX));
         }
+        let (running, last) = crate::tasks::snapshot();
+        let (state, kind, progress, remaining) = match (running, last) {
+            (Some(r), _) => ("running", r.kind.name(), r.progress, r.remaining),
+            (None, Some(last)) => (last.outcome, last.kind.name(), last.progress, 0),
+            (None, None) => ("none", "none", Default::default(), 0),
+        };
+        raw::add_info_field_str(ctx, "task_state", state);
+        raw::add_info_field_str(ctx, "task", kind);
+        for (name, value) in [
+            ("task_scanned", progress.scanned),
+            ("task_synced", progress.synced),
+            ("task_rejected", progress.rejected),
+            ("task_remaining_estimate", remaining),
+        ] {
+            raw::add_info_field_long_long(ctx, name, i64::try_from(value).unwrap_or(i64::MAX));
+        }
     });
 }

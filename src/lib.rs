@@ -11,6 +11,7 @@
 //! * [`mapping`]: entity document → Kamailio row, validation, HA1. No Redis in it.
 //! * [`store`]: what kamsync remembers per entity and how it is laid out in Redis.
 //! * [`calls`]: the only place commands are issued (replicated writes).
+//! * [`tasks`]: RESYNC and CHECK, in timer-driven batches.
 //! * [`commands`], [`info`], [`stats`], [`log`]: what operators see.
 //! * [`error`]: the one error type.
 
@@ -25,6 +26,7 @@ pub mod mapping;
 pub mod stats;
 pub mod store;
 pub mod sync;
+pub mod tasks;
 
 use std::ffi::{CStr, CString};
 use std::os::raw::{c_char, c_int};
@@ -159,11 +161,11 @@ unsafe fn register_commands_unchecked(ctx: *mut raw::RedisModuleCtx) -> c_int {
         ctx,
         "kamsync.status",
         guarded(commands::status),
-        "readonly fast allow-loading allow-stale",
+        "readonly allow-loading allow-stale",
         0,
         0,
         0,
-        ""
+        "read slow"
     );
     redis_module::redis_command!(
         ctx,
@@ -173,7 +175,27 @@ unsafe fn register_commands_unchecked(ctx: *mut raw::RedisModuleCtx) -> c_int {
         1,
         1,
         1,
-        ""
+        "write slow"
+    );
+    redis_module::redis_command!(
+        ctx,
+        "kamsync.resync",
+        guarded(commands::resync),
+        "write admin deny-script",
+        0,
+        0,
+        0,
+        "write admin dangerous slow"
+    );
+    redis_module::redis_command!(
+        ctx,
+        "kamsync.check",
+        guarded(commands::check),
+        "readonly admin deny-script",
+        0,
+        0,
+        0,
+        "read admin dangerous slow"
     );
     raw::REDISMODULE_OK as c_int
 }

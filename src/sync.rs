@@ -16,7 +16,7 @@
 //! | nothing | some | row deleted (if still owned), state forgotten |
 //! | a non-JSON value | some or none | as "nothing", plus an error recorded |
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use serde_json::Value;
 
@@ -48,6 +48,8 @@ pub enum Action {
     Removed { row: String },
     /// Nothing to do: no entity and no row of its.
     Nothing,
+    /// A new entity that needs an id from the sequence, put off by [`Syncer::defer_fresh_ids`].
+    Deferred,
 }
 
 /// The clock of one job: every row and document written by it carries the same time.
@@ -77,6 +79,49 @@ where
     }
 }
 
+/// Why the syncer runs, which decides how much it checks and what it may take from documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// After a client's write: trust the remembered fingerprint (one read less per event),
+    /// issue ids from the sequence, stamp `dateUpdated`.
+    Write,
+    /// KAMSYNC.SYNC, RESYNC, CHECK REPAIR: compare rows with what Redis holds (repairs rows
+    /// changed behind kamsync's back); adopt `externalId` and `dateCreated` from documents that
+    /// kamsync does not know yet (a migration keeps Kamailio's ids); touch audit fields only
+    /// where they are wrong, so a resync does not fake an update of every entity.
+    Command,
+}
+
+/// Ids adopted from documents, so that two documents carrying one id (a copy) do not both get
+/// it, and so that the sequences can be moved past them.
+#[derive(Debug, Default)]
+pub struct Adoption {
+    taken: HashMap<(i32, Kind), HashSet<i64>>,
+    /// Highest adopted id not yet reflected in the sequence.
+    pending_max: HashMap<(i32, Kind), i64>,
+}
+
+/// What [`Syncer::inspect`] finds about one entity, without writing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finding {
+    InStep,
+    /// Invalid document or non-JSON value (the reason).
+    Invalid(String),
+    /// Valid, but its row is absent (never synced, or deleted behind kamsync's back).
+    Missing {
+        row: String,
+    },
+    /// Valid, but the row's content (or key) is not what the entity says.
+    Differs {
+        row: String,
+    },
+    /// Valid, but another entity owns the row.
+    Conflict {
+        row: String,
+        owner: String,
+    },
+}
+
 /// A batch of work against one context and one configuration snapshot.
 pub struct Syncer<'a> {
     calls: Calls<'a>,
@@ -85,12 +130,14 @@ pub struct Syncer<'a> {
     /// Databases whose domain table changed: each gets one reload request at [`finish`].
     reload_dbs: BTreeSet<i32>,
     db: i32,
-    /// Also compare rows with what Redis holds, not only with the remembered fingerprint: finds
-    /// rows changed or deleted behind kamsync's back. Off on the write path (one more read per
-    /// event), on for commands.
-    verify_rows: bool,
+    mode: Mode,
+    /// Ids taken over from documents in command mode, per database and kind.
+    adoption: Adoption,
     /// Entities refused for a row that this batch released: reconciled at [`finish`].
     waiters: Vec<(i32, Vec<u8>)>,
+    /// Put off entities that would take a new id from the sequence (RESYNC's first pass, so
+    /// that every id documents already carry is adopted before any new one is issued).
+    pub defer_fresh_ids: bool,
 }
 
 impl<'a> Syncer<'a> {
@@ -103,14 +150,18 @@ impl<'a> Syncer<'a> {
             clock,
             reload_dbs: BTreeSet::new(),
             db,
-            verify_rows: false,
+            mode: Mode::Write,
+            adoption: Adoption::default(),
             waiters: Vec::new(),
+            defer_fresh_ids: false,
         }
     }
 
-    /// See [`Syncer::verify_rows`](Self).
-    pub fn verifying_rows(mut self) -> Self {
-        self.verify_rows = true;
+    /// Switches to [`Mode::Command`], carrying the ids adopted so far (a resync runs in many
+    /// batches; see [`Syncer::into_adoption`]).
+    pub fn for_command(mut self, adoption: Adoption) -> Self {
+        self.mode = Mode::Command;
+        self.adoption = adoption;
         self
     }
 
@@ -142,8 +193,9 @@ impl<'a> Syncer<'a> {
 
     /// Hands released rows to the entities waiting for them, appends one reload request per
     /// database whose domain rows changed, and restores the database the context had selected.
-    pub fn finish(mut self) {
+    pub fn finish(mut self) -> Adoption {
         self.serve_waiters();
+        self.advance_sequences();
         let original = self.db;
         let dbs = std::mem::take(&mut self.reload_dbs);
         for db in dbs {
@@ -168,6 +220,30 @@ impl<'a> Syncer<'a> {
             }
         }
         let _ = self.select(original);
+        std::mem::take(&mut self.adoption)
+    }
+
+    /// Moves each sequence past the ids adopted in this batch, so that new entities never get
+    /// an adopted id.
+    fn advance_sequences(&mut self) {
+        let pending = std::mem::take(&mut self.adoption.pending_max);
+        let current_db = self.db;
+        for ((db, kind), max) in pending {
+            let sequence = self.config.sequence(kind).to_owned();
+            let result = self.select(db).and_then(|()| {
+                let current = self.calls.read("GET", &[sequence.as_bytes()])?.into_bulk();
+                let current: i64 =
+                    current.and_then(|raw| String::from_utf8(raw).ok()?.parse().ok()).unwrap_or(0);
+                if current < max {
+                    self.calls.write("SET", &[sequence.as_bytes(), max.to_string().as_bytes()])?;
+                }
+                Ok(())
+            });
+            if let Err(err) = result {
+                self.report(db, sequence.as_bytes(), &err);
+            }
+        }
+        let _ = self.select(current_db);
     }
 
     /// Reconciles the entities that were waiting for a row released in this batch. Each one
@@ -245,10 +321,13 @@ impl<'a> Syncer<'a> {
 
         let (id, created_ms) = match &state {
             Some(state) => (state.id, state.created_ms),
-            None => (self.issue_id(kind)?, self.clock.now_ms),
+            None => match self.new_identity(kind, doc)? {
+                Some(identity) => identity,
+                None => return Ok(Action::Deferred),
+            },
         };
         if self.config.audit {
-            self.write_audit_fields(key, id, created_ms)?;
+            self.write_audit_fields(key, doc, id, created_ms)?;
         }
 
         let fingerprint = row.fingerprint(id);
@@ -262,7 +341,7 @@ impl<'a> Syncer<'a> {
         }
         let unchanged =
             state.as_ref().is_some_and(|s| s.row == row.key && s.fingerprint == fingerprint);
-        if unchanged && (!self.verify_rows || self.row_matches(&row, id)?) {
+        if unchanged && (self.mode == Mode::Write || self.row_matches(&row, id)?) {
             COUNTERS.rows_unchanged.incr();
             return Ok(Action::Unchanged { id, row: row.key });
         }
@@ -321,22 +400,176 @@ impl<'a> Syncer<'a> {
         Ok(reply.into_bulk().and_then(|raw| EntityState::decode(&raw)))
     }
 
-    fn issue_id(&self, kind: Kind) -> Result<i64, SyncError> {
-        match self.calls.write("INCR", &[self.config.sequence(kind).as_bytes()])? {
-            Reply::Int(id) => {
-                COUNTERS.ids_issued.incr();
-                Ok(id)
+    fn issue_id(&mut self, kind: Kind) -> Result<i64, SyncError> {
+        if self.mode == Mode::Command {
+            // Ids adopted so far must never come out of the sequence.
+            self.advance_sequences();
+        }
+        let id = match self.calls.write("INCR", &[self.config.sequence(kind).as_bytes()])? {
+            Reply::Int(id) => id,
+            _ => {
+                return Err(SyncError::Redis {
+                    command: "INCR",
+                    message: "unexpected reply".into(),
+                })
             }
-            _ => Err(SyncError::Redis { command: "INCR", message: "unexpected reply".into() }),
+        };
+        COUNTERS.ids_issued.incr();
+        if self.mode == Mode::Command {
+            // Nor may a document adopted later bring an id issued here.
+            self.adoption.taken.entry((self.db, kind)).or_default().insert(id);
+        }
+        Ok(id)
+    }
+
+    /// Id and dateCreated for an entity kamsync does not know yet: from the sequence, or in
+    /// command mode adopted from the document (`externalId` and `dateCreated` the Gears library
+    /// or an earlier kamsync wrote), unless another document already took that id.
+    fn new_identity(&mut self, kind: Kind, doc: &Value) -> Result<Option<(i64, i64)>, SyncError> {
+        let positive = |field: &str| doc.get(field).and_then(Value::as_i64).filter(|v| *v > 0);
+        if self.mode == Mode::Command {
+            if let Some(id) = positive("externalId") {
+                let slot = (self.db, kind);
+                if self.adoption.taken.entry(slot).or_default().insert(id) {
+                    let max = self.adoption.pending_max.entry(slot).or_insert(0);
+                    *max = (*max).max(id);
+                    let created = positive("dateCreated").unwrap_or(self.clock.now_ms);
+                    return Ok(Some((id, created)));
+                }
+            }
+            if self.defer_fresh_ids {
+                return Ok(None);
+            }
+        }
+        Ok(Some((self.issue_id(kind)?, self.clock.now_ms)))
+    }
+
+    /// `externalId`, `dateCreated`, `dateUpdated` into the document, in one JSON.MERGE. After a
+    /// client's write `dateUpdated` is always stamped; in command mode only wrong or missing
+    /// fields are written, and nothing when all are right.
+    fn write_audit_fields(
+        &self,
+        key: &[u8],
+        doc: &Value,
+        id: i64,
+        created_ms: i64,
+    ) -> Result<(), SyncError> {
+        let mut patch = serde_json::Map::new();
+        let differs =
+            |field: &str, value: i64| doc.get(field).and_then(Value::as_i64) != Some(value);
+        if self.mode == Mode::Write || differs("externalId", id) {
+            patch.insert("externalId".into(), id.into());
+        }
+        if self.mode == Mode::Write || differs("dateCreated", created_ms) {
+            patch.insert("dateCreated".into(), created_ms.into());
+        }
+        if self.mode == Mode::Write || doc.get("dateUpdated").and_then(Value::as_i64).is_none() {
+            patch.insert("dateUpdated".into(), self.clock.now_ms.into());
+        }
+        if patch.is_empty() {
+            return Ok(());
+        }
+        let patch = Value::Object(patch).to_string();
+        self.calls.write("JSON.MERGE", &[key, b"$", patch.as_bytes()])?;
+        Ok(())
+    }
+
+    /// One `SCAN` call in database `db`: the next cursor and the keys.
+    pub fn scan(
+        &mut self,
+        db: i32,
+        cursor: &str,
+        pattern: &str,
+        count: &str,
+    ) -> Result<(String, Vec<Vec<u8>>), SyncError> {
+        self.select(db)?;
+        let reply = self.calls.read(
+            "SCAN",
+            &[cursor.as_bytes(), b"MATCH", pattern.as_bytes(), b"COUNT", count.as_bytes()],
+        )?;
+        let unexpected =
+            || SyncError::Redis { command: "SCAN", message: "unexpected reply".into() };
+        let Reply::Array(mut parts) = reply else { return Err(unexpected()) };
+        let (Some(Reply::Array(keys)), Some(Reply::Bulk(next))) = (parts.pop(), parts.pop()) else {
+            return Err(unexpected());
+        };
+        let next = String::from_utf8(next).map_err(|_| unexpected())?;
+        Ok((next, keys.into_iter().filter_map(Reply::into_bulk).collect()))
+    }
+
+    /// Read-only: how the entity at `key` stands against its row (for KAMSYNC.CHECK).
+    pub fn inspect(&mut self, db: i32, key: &[u8]) -> Result<Finding, SyncError> {
+        self.select(db)?;
+        let Some(kind) = self.config.kind_of(key) else {
+            return Ok(Finding::InStep);
+        };
+        let doc: Value = match self.calls.key_kind(key) {
+            KeyKind::Missing => return Ok(Finding::InStep),
+            KeyKind::Core(found) => {
+                return Ok(Finding::Invalid(SyncError::NotJson(found.into()).to_string()))
+            }
+            KeyKind::Module => match self.calls.read("JSON.GET", &[key]) {
+                Ok(Reply::Bulk(text)) => match serde_json::from_slice(&text) {
+                    Ok(doc) => doc,
+                    Err(e) => {
+                        return Ok(Finding::Invalid(SyncError::BadJson(e.to_string()).to_string()))
+                    }
+                },
+                _ => return Ok(Finding::Invalid(SyncError::NotJson("module".into()).to_string())),
+            },
+        };
+        let row = match self.row_for(kind, &doc) {
+            Ok(row) => row,
+            Err(err) => return Ok(Finding::Invalid(err.to_string())),
+        };
+        let (state, owner) = self.state_and_owner(&store::state_key(kind), key, &row.key)?;
+        if let Some(owner) = owner.filter(|owner| owner.as_slice() != key) {
+            return Ok(Finding::Conflict { row: row.key, owner: stats::printable_key(&owner) });
+        }
+        let Some(state) = state else {
+            return Ok(Finding::Missing { row: row.key });
+        };
+        if state.row != row.key || state.fingerprint != row.fingerprint(state.id) {
+            return Ok(Finding::Differs { row: row.key });
+        }
+        if self.row_matches(&row, state.id)? {
+            return Ok(Finding::InStep);
+        }
+        match self.calls.read("EXISTS", &[row.key.as_bytes()])? {
+            Reply::Int(0) => Ok(Finding::Missing { row: row.key }),
+            _ => Ok(Finding::Differs { row: row.key }),
         }
     }
 
-    fn write_audit_fields(&self, key: &[u8], id: i64, created_ms: i64) -> Result<(), SyncError> {
-        let patch = format!(
-            r#"{{"externalId":{id},"dateCreated":{created_ms},"dateUpdated":{}}}"#,
-            self.clock.now_ms
-        );
-        self.calls.write("JSON.MERGE", &[key, b"$", patch.as_bytes()])?;
+    /// Whether a row key has no living owner: no entity recorded, or one whose key is gone or
+    /// that no longer names this row. (For KAMSYNC.CHECK's orphan scan.)
+    pub fn is_orphan_row(&mut self, db: i32, kind: Kind, row: &[u8]) -> Result<bool, SyncError> {
+        self.select(db)?;
+        let state_key = store::state_key(kind);
+        let owner_field = [b"r:".as_slice(), row].concat();
+        let Some(owner) =
+            self.calls.read("HGET", &[state_key.as_bytes(), &owner_field])?.into_bulk()
+        else {
+            return Ok(true);
+        };
+        if self.calls.key_kind(&owner) == KeyKind::Missing {
+            return Ok(true);
+        }
+        let state = self.entity_state(&state_key, &owner)?;
+        Ok(!state.is_some_and(|s| s.row.as_bytes() == row))
+    }
+
+    /// Deletes an orphan row and any ownership recorded for it.
+    pub fn remove_orphan_row(&mut self, db: i32, kind: Kind, row: &[u8]) -> Result<(), SyncError> {
+        self.select(db)?;
+        let state_key = store::state_key(kind);
+        let owner_field = [b"r:".as_slice(), row].concat();
+        self.calls.write("DEL", &[row])?;
+        self.calls.write("HDEL", &[state_key.as_bytes(), &owner_field])?;
+        COUNTERS.rows_deleted.incr();
+        if kind == Kind::Domain {
+            self.reload_dbs.insert(db);
+        }
         Ok(())
     }
 
