@@ -25,6 +25,9 @@ test: build ## build, then run every test (unit and integration, all servers, Ka
 unit: ## only the unit tests (no servers)
 	$(CARGO) test --release --lib
 
+bench: build ## kamsync vs bare Redis, as ratios; writes bench-results/latest.md (minutes)
+	$(CARGO) bench --bench kamsync
+
 lint: ## rustfmt check and clippy with warnings denied
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --all-targets -- -D warnings

@@ -6,7 +6,7 @@
 //! such as "the two entity prefixes must not overlap", hold), and only then stored.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{LazyLock, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Arc, LazyLock, Mutex, RwLock};
 
 use redis_module::configuration::{
     register_bool_configuration, register_enum_configuration, register_i64_configuration,
@@ -195,16 +195,19 @@ fn overlaps(a: &str, b: &str) -> bool {
     a.starts_with(b) || b.starts_with(a)
 }
 
-static CONFIG: LazyLock<RwLock<Config>> = LazyLock::new(|| RwLock::new(Config::default()));
+/// The current configuration. A change replaces the whole `Arc`, so a job or a task keeps one
+/// consistent snapshot for its whole run, for the price of a reference count.
+static CONFIG: LazyLock<RwLock<Arc<Config>>> =
+    LazyLock::new(|| RwLock::new(Arc::new(Config::default())));
 
 /// Set once the module finished loading; until then a refused value fails the load instead of
 /// only being logged (see [`load_refusals`]).
 static LOADED: AtomicBool = AtomicBool::new(false);
 static LOAD_REFUSALS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-/// The current configuration. Cheap: an uncontended read lock.
-pub fn get() -> RwLockReadGuard<'static, Config> {
-    CONFIG.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+/// The current configuration. Cheap: an uncontended read lock and a reference count.
+pub fn get() -> Arc<Config> {
+    CONFIG.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
 }
 
 /// Values refused while the module was loading (from redis.conf or `loadmodule` arguments).
@@ -220,11 +223,11 @@ pub fn mark_loaded() {
 
 fn update(change: impl FnOnce(&mut Config)) -> Result<(), RedisError> {
     let mut current = CONFIG.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let mut next = current.clone();
+    let mut next = Config::clone(&current);
     change(&mut next);
     match next.validate() {
         Ok(()) => {
-            *current = next;
+            *current = Arc::new(next);
             Ok(())
         }
         Err(why) => {
@@ -247,7 +250,7 @@ pub struct FormatSetting;
 
 impl ConfigurationValue<RedisString> for StrSetting {
     fn get(&self, _: &ConfigurationContext) -> RedisString {
-        let mut copy = get().clone();
+        let mut copy = Config::clone(&get());
         RedisString::create(None, self.0(&mut copy).as_str())
     }
     fn set(&self, _: &ConfigurationContext, val: RedisString) -> Result<(), RedisError> {
@@ -258,7 +261,7 @@ impl ConfigurationValue<RedisString> for StrSetting {
 
 impl ConfigurationValue<bool> for BoolSetting {
     fn get(&self, _: &ConfigurationContext) -> bool {
-        *self.0(&mut get().clone())
+        *self.0(&mut Config::clone(&get()))
     }
     fn set(&self, _: &ConfigurationContext, val: bool) -> Result<(), RedisError> {
         update(|config| *self.0(config) = val)
@@ -267,7 +270,7 @@ impl ConfigurationValue<bool> for BoolSetting {
 
 impl ConfigurationValue<i64> for IntSetting {
     fn get(&self, _: &ConfigurationContext) -> i64 {
-        *self.0(&mut get().clone())
+        *self.0(&mut Config::clone(&get()))
     }
     fn set(&self, _: &ConfigurationContext, val: i64) -> Result<(), RedisError> {
         update(|config| *self.0(config) = val)

@@ -33,6 +33,7 @@ pub extern "C" fn info_func(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report
             ("task_synced", progress.synced),
             ("task_rejected", progress.rejected),
             ("task_remaining_estimate", remaining),
+            ("task_longest_batch_us", progress.longest_batch_us),
         ] {
             raw::add_info_field_long_long(ctx, name, i64::try_from(value).unwrap_or(i64::MAX));
         }

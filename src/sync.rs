@@ -17,6 +17,7 @@
 //! | a non-JSON value | some or none | as "nothing", plus an error recorded |
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -53,15 +54,28 @@ pub enum Action {
 }
 
 /// The clock of one job: every row and document written by it carries the same time.
+/// `last_modified` is formatted on first use only (credential rows do not carry it).
 pub struct Clock {
     pub now_ms: i64,
-    last_modified: String,
+    format: LastModifiedFormat,
+    last_modified: std::cell::OnceCell<String>,
 }
 
 impl Clock {
     pub fn now(format: LastModifiedFormat) -> Self {
-        let now = chrono::Local::now();
-        Clock { now_ms: now.timestamp_millis(), last_modified: format_last_modified(&now, format) }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Clock { now_ms, format, last_modified: std::cell::OnceCell::new() }
+    }
+
+    fn last_modified(&self) -> &str {
+        self.last_modified.get_or_init(|| {
+            let at = chrono::DateTime::from_timestamp_millis(self.now_ms)
+                .unwrap_or_default()
+                .with_timezone(&chrono::Local);
+            format_last_modified(&at, self.format)
+        })
     }
 }
 
@@ -125,7 +139,7 @@ pub enum Finding {
 /// A batch of work against one context and one configuration snapshot.
 pub struct Syncer<'a> {
     calls: Calls<'a>,
-    config: Config,
+    config: Arc<Config>,
     clock: Clock,
     /// Databases whose domain table changed: each gets one reload request at [`finish`].
     reload_dbs: BTreeSet<i32>,
@@ -141,7 +155,7 @@ pub struct Syncer<'a> {
 }
 
 impl<'a> Syncer<'a> {
-    pub fn new(calls: Calls<'a>, config: Config) -> Self {
+    pub fn new(calls: Calls<'a>, config: Arc<Config>) -> Self {
         let clock = Clock::now(config.last_modified_format);
         let db = Calls::selected_db(calls.ctx);
         Syncer {
@@ -277,17 +291,20 @@ impl<'a> Syncer<'a> {
         let Some(kind) = self.config.kind_of(key) else {
             return Ok(Action::Nothing);
         };
-        match self.calls.key_kind(key) {
-            KeyKind::Missing => self.remove(kind, key),
-            KeyKind::Module => match self.calls.read("JSON.GET", &[key]) {
-                Ok(Reply::Bulk(text)) => {
-                    let doc: Value = serde_json::from_slice(&text)
-                        .map_err(|e| SyncError::BadJson(e.to_string()))?;
-                    self.upsert(kind, key, &doc)
-                }
-                _ => self.remove_not_json(kind, key, "module"),
+        // JSON.GET answers nil for a missing key and an error for any other type: one call
+        // on the common path, and the key's type is looked up only to name it in the error.
+        match self.calls.read("JSON.GET", &[key]) {
+            Ok(Reply::Bulk(text)) => {
+                let doc: Value =
+                    serde_json::from_slice(&text).map_err(|e| SyncError::BadJson(e.to_string()))?;
+                self.upsert(kind, key, &doc)
+            }
+            Ok(Reply::Nil) => self.remove(kind, key),
+            _ => match self.calls.key_kind(key) {
+                KeyKind::Missing => self.remove(kind, key),
+                KeyKind::Module => self.remove_not_json(kind, key, "module"),
+                KeyKind::Core(found) => self.remove_not_json(kind, key, found),
             },
-            KeyKind::Core(found) => self.remove_not_json(kind, key, found),
         }
     }
 
@@ -605,7 +622,7 @@ impl<'a> Syncer<'a> {
             args.extend([name.as_bytes(), value.as_bytes()]);
         }
         if row.reload_relevant {
-            args.extend([b"last_modified".as_slice(), self.clock.last_modified.as_bytes()]);
+            args.extend([b"last_modified".as_slice(), self.clock.last_modified().as_bytes()]);
         }
         self.calls.write("HSET", &args)?;
         COUNTERS.rows_written.incr();
