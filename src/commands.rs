@@ -54,6 +54,8 @@ pub fn status(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         text(if config.audit { "yes" } else { "no" }),
         text("store-password"),
         text(if config.store_password { "yes" } else { "no" }),
+        text("reload-targets"),
+        text(config.reload_targets.as_str()),
     ];
     let counters = COUNTERS
         .snapshot()
@@ -94,6 +96,8 @@ pub fn status(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
         RedisValue::Array(counters),
         text("task"),
         RedisValue::Array(task_fields()),
+        text("reload_targets"),
+        RedisValue::Array(reload_fields()),
         text("recent_errors"),
         RedisValue::Array(errors),
     ]))
@@ -234,4 +238,31 @@ fn task_fields() -> Vec<RedisValue> {
         fields.extend([text("state"), text("none")]);
     }
     fields
+}
+
+/// STATUS fields of each reload target.
+fn reload_fields() -> Vec<RedisValue> {
+    crate::reload::snapshot()
+        .into_iter()
+        .map(|(url, stats)| {
+            RedisValue::Array(vec![
+                text("url"),
+                text(url),
+                text("reloads_sent"),
+                int(stats.reloads_sent),
+                text("failures"),
+                int(stats.failures),
+                text("pending"),
+                int(stats.pending),
+                text("delivered_id"),
+                text(stats.delivered_id),
+                text("last_success_ms"),
+                int(stats.last_success_ms),
+                text("last_error"),
+                text(stats.last_error),
+                text("last_error_ms"),
+                int(stats.last_error_ms),
+            ])
+        })
+        .collect()
 }

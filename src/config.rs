@@ -61,6 +61,8 @@ pub struct Config {
     pub subscriber_sequence: String,
     pub reload_stream: String,
     pub reload_stream_maxlen: i64,
+    /// Kamailio JSON-RPC URLs that get `domain.reload` (see `reload.rs`); empty: off.
+    pub reload_targets: String,
     pub last_modified_format: LastModifiedFormat,
     pub audit: bool,
     pub store_password: bool,
@@ -80,6 +82,7 @@ impl Default for Config {
             subscriber_sequence: "id:sequence:subscriber".into(),
             reload_stream: "reload:domain".into(),
             reload_stream_maxlen: 1000,
+            reload_targets: String::new(),
             last_modified_format: LastModifiedFormat::Datetime,
             audit: true,
             store_password: false,
@@ -184,6 +187,8 @@ impl Config {
                 ));
             }
         }
+        crate::reload::parse_targets(&self.reload_targets)
+            .map_err(|why| format!("kamsync.reload-targets: {why}"))?;
         if self.reload_stream_maxlen < 1 {
             return Err("kamsync.reload-stream-maxlen must be at least 1".into());
         }
@@ -293,12 +298,14 @@ pub static SUBSCRIBER_TABLE: StrSetting = StrSetting(|c| &mut c.subscriber_table
 pub static DOMAIN_SEQUENCE: StrSetting = StrSetting(|c| &mut c.domain_sequence);
 pub static SUBSCRIBER_SEQUENCE: StrSetting = StrSetting(|c| &mut c.subscriber_sequence);
 pub static RELOAD_STREAM: StrSetting = StrSetting(|c| &mut c.reload_stream);
+pub static RELOAD_TARGETS: StrSetting = StrSetting(|c| &mut c.reload_targets);
 pub static RELOAD_STREAM_MAXLEN: IntSetting = IntSetting(|c| &mut c.reload_stream_maxlen);
 pub static LAST_MODIFIED_FORMAT: FormatSetting = FormatSetting;
 pub static AUDIT: BoolSetting = BoolSetting(|c| &mut c.audit);
 pub static STORE_PASSWORD: BoolSetting = BoolSetting(|c| &mut c.store_password);
 
-const STRING_SETTINGS: [(&str, &StrSetting); 7] = [
+const STRING_SETTINGS: [(&str, &StrSetting); 8] = [
+    ("reload-targets", &RELOAD_TARGETS),
     ("domain-prefix", &DOMAIN_PREFIX),
     ("credential-prefix", &CREDENTIAL_PREFIX),
     ("domain-table", &DOMAIN_TABLE),
@@ -438,7 +445,8 @@ mod tests {
     #[test]
     fn validate_refuses_overlaps_and_empties_with_the_setting_name() {
         type Change = fn(&mut Config);
-        let cases: [(Change, &str); 8] = [
+        let cases: [(Change, &str); 9] = [
+            (|c| c.reload_targets = "https://a/RPC".into(), "must start with http://"),
             (|c| c.reload_stream = "a\0b".into(), "must not contain control characters"),
             (|c| c.domain_prefix.clear(), "kamsync.domain-prefix must not be empty"),
             (|c| c.credential_prefix = "sipdomain:x".into(), "overlap"),

@@ -37,5 +37,16 @@ pub extern "C" fn info_func(ctx: *mut raw::RedisModuleInfoCtx, _for_crash_report
         ] {
             raw::add_info_field_long_long(ctx, name, i64::try_from(value).unwrap_or(i64::MAX));
         }
+        for (i, (url, stats)) in crate::reload::snapshot().into_iter().enumerate() {
+            raw::add_info_field_str(ctx, &format!("reload_{i}_url"), &url);
+            for (name, value) in [
+                ("sent", stats.reloads_sent as i64),
+                ("failures", stats.failures as i64),
+                ("pending", stats.pending as i64),
+                ("last_success_ms", stats.last_success_ms),
+            ] {
+                raw::add_info_field_long_long(ctx, &format!("reload_{i}_{name}"), value);
+            }
+        }
     });
 }

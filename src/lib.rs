@@ -12,6 +12,7 @@
 //! * [`store`]: what kamsync remembers per entity and how it is laid out in Redis.
 //! * [`calls`]: the only place commands are issued (replicated writes).
 //! * [`tasks`]: RESYNC and CHECK, in timer-driven batches.
+//! * [`reload`]: delivering `domain.reload` to Kamailio over JSON-RPC.
 //! * [`commands`], [`info`], [`stats`], [`log`]: what operators see.
 //! * [`error`]: the one error type.
 
@@ -23,6 +24,7 @@ pub mod events;
 pub mod info;
 pub mod log;
 pub mod mapping;
+pub mod reload;
 pub mod stats;
 pub mod store;
 pub mod sync;
@@ -76,6 +78,7 @@ fn init(ctx: &Context, args: &[RedisString]) -> Status {
         return Status::Err;
     }
     config::mark_loaded();
+    reload::start(ctx);
     if ctx.get_flags().contains(ContextFlags::CLUSTER) {
         CLUSTER_MODE.store(true, Ordering::Relaxed);
         crate::log::warning(

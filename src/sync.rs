@@ -573,7 +573,7 @@ impl<'a> Syncer<'a> {
             return Ok(true);
         }
         let state = self.entity_state(&state_key, &owner)?;
-        Ok(!state.is_some_and(|s| s.row.as_bytes() == row))
+        Ok(state.is_none_or(|s| s.row.as_bytes() != row))
     }
 
     /// Deletes an orphan row and any ownership recorded for it.

@@ -4,7 +4,9 @@
 //! notices a server that died; the server log is printed when a test fails; Drop shuts the
 //! server down and kills it if it does not go.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
+
+pub mod kamailio;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
