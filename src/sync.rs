@@ -376,16 +376,7 @@ impl<'a> Syncer<'a> {
             row_has_password: row.has_password(),
             row: row.key.clone(),
         };
-        self.calls.write(
-            "HSET",
-            &[
-                state_key.as_bytes(),
-                &store::entity_field(key),
-                new_state.encode().as_bytes(),
-                &store::owner_field(&row.key),
-                key,
-            ],
-        )?;
+        self.record_state(&state_key, key, &new_state)?;
         if row.reload_relevant {
             self.reload_dbs.insert(self.db);
         }
@@ -726,17 +717,28 @@ impl<'a> Syncer<'a> {
         let Some(state) = self.entity_state(&state_key, from)? else {
             return Ok(());
         };
+        self.record_state(&state_key, to, &state)?;
+        self.calls.write("HDEL", &[state_key.as_bytes(), &store::entity_field(from)])?;
+        Ok(())
+    }
+
+    /// Records an entity's state and its ownership of the row, in one HSET.
+    fn record_state(
+        &self,
+        state_key: &str,
+        key: &[u8],
+        state: &EntityState,
+    ) -> Result<(), SyncError> {
         self.calls.write(
             "HSET",
             &[
                 state_key.as_bytes(),
-                &store::entity_field(to),
+                &store::entity_field(key),
                 state.encode().as_bytes(),
                 &store::owner_field(&state.row),
-                to,
+                key,
             ],
         )?;
-        self.calls.write("HDEL", &[state_key.as_bytes(), &store::entity_field(from)])?;
         Ok(())
     }
 

@@ -54,11 +54,7 @@ fn credential_with_only_a_password_authenticates_both_ways() {
     require_kamailio!();
     let (_server, mut con, kamailio) = setup("datetime");
 
-    json_set(
-        &mut con,
-        "credential:bob",
-        &json!({"username": "bob", "domain": "example.com", "password": "pw1"}),
-    );
+    set_credential(&mut con, "credential:bob", "bob", "example.com", "pw1");
 
     assert!(kamailio.register("200", "bob", "example.com", "bob", "pw1"));
     assert!(kamailio.register("200", "bob", "example.com", "bob@example.com", "pw1"), "ha1b path");
@@ -68,11 +64,7 @@ fn credential_with_only_a_password_authenticates_both_ways() {
 fn wrong_password_gets_401() {
     require_kamailio!();
     let (_server, mut con, kamailio) = setup("datetime");
-    json_set(
-        &mut con,
-        "credential:bob",
-        &json!({"username": "bob", "domain": "example.com", "password": "pw1"}),
-    );
+    set_credential(&mut con, "credential:bob", "bob", "example.com", "pw1");
 
     assert!(kamailio.register("401", "bob", "example.com", "bob", "wrong"));
     assert!(!kamailio.register("200", "bob", "example.com", "bob", "wrong"));
@@ -82,16 +74,8 @@ fn wrong_password_gets_401() {
 fn deleted_or_expired_credential_stops_authenticating_at_once() {
     require_kamailio!();
     let (_server, mut con, kamailio) = setup("datetime");
-    json_set(
-        &mut con,
-        "credential:a",
-        &json!({"username": "a", "domain": "example.com", "password": "p"}),
-    );
-    json_set(
-        &mut con,
-        "credential:b",
-        &json!({"username": "b", "domain": "example.com", "password": "p"}),
-    );
+    set_credential(&mut con, "credential:a", "a", "example.com", "p");
+    set_credential(&mut con, "credential:b", "b", "example.com", "p");
     assert!(kamailio.register("200", "a", "example.com", "a", "p"));
     assert!(kamailio.register("200", "b", "example.com", "b", "p"));
 
@@ -109,11 +93,7 @@ fn deleted_or_expired_credential_stops_authenticating_at_once() {
 fn changed_password_takes_effect_at_once() {
     require_kamailio!();
     let (_server, mut con, kamailio) = setup("datetime");
-    json_set(
-        &mut con,
-        "credential:c",
-        &json!({"username": "carol", "domain": "example.com", "password": "old"}),
-    );
+    set_credential(&mut con, "credential:c", "carol", "example.com", "old");
     assert!(kamailio.register("200", "carol", "example.com", "carol", "old"));
 
     let _: () = cmd("JSON.SET")
@@ -131,11 +111,7 @@ fn changed_password_takes_effect_at_once() {
 fn domains_follow_kamsync_after_domain_reload() {
     require_kamailio!();
     let (_server, mut con, kamailio) = setup("datetime");
-    json_set(
-        &mut con,
-        "credential:d",
-        &json!({"username": "dave", "domain": "new.org", "password": "p"}),
-    );
+    set_credential(&mut con, "credential:d", "dave", "new.org", "p");
     assert!(
         kamailio.register("403", "dave", "new.org", "dave", "p"),
         "not served before it exists"

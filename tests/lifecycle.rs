@@ -286,20 +286,6 @@ on_every_server! {
     }
 }
 
-fn md5_hex(text: &str) -> String {
-    let out = std::process::Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .and_then(|mut child| {
-            use std::io::Write;
-            child.stdin.take().unwrap().write_all(text.as_bytes())?;
-            child.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()[..32].to_owned()
-}
-
 on_every_server! {
     /// Conflict lifecycle: deleting a refused entity leaves the owner's row; deleting the
     /// owner hands the row, in the same transaction, to an entity still waiting for it (with
@@ -385,5 +371,38 @@ on_every_server! {
             k
         };
         assert_eq!(left, ["id:sequence:domain", "id:sequence:subscriber", "reload:domain"]);
+    }
+}
+
+on_every_server! {
+    /// FLUSHALL sends no key events: rows and state go with the data, and syncing starts over
+    /// cleanly.
+    fn flushall_takes_rows_and_state_along_and_syncing_starts_over(flavor: Flavor) {
+        let server = Server::start(flavor);
+        let mut con = server.connect();
+        domain(&mut con, "sipdomain:1", "a.org");
+
+        let _: () = cmd("FLUSHALL").query(&mut con).unwrap();
+        domain(&mut con, "sipdomain:1", "a.org");
+
+        assert_eq!(row_id(&mut con, "domain:entry::a.org"), 1);
+        assert_eq!(state_fields(&mut con), ["e:sipdomain:1", "r:domain:entry::a.org"]);
+    }
+}
+
+on_every_server! {
+    /// SWAPDB moves entities, rows and state together: the entity stays in step in its new
+    /// database.
+    fn swapdb_keeps_entities_and_rows_together(flavor: Flavor) {
+        let server = Server::start(flavor);
+        let mut con = server.connect();
+        credential(&mut con, "credential:1", "alice", "pw");
+
+        let _: () = cmd("SWAPDB").arg(0).arg(1).query(&mut con).unwrap();
+        let _: () = cmd("SELECT").arg(1).query(&mut con).unwrap();
+        del(&mut con, "credential:1");
+
+        assert!(!exists(&mut con, "subscriber:entry::alice:example.com"));
+        assert!(state_fields(&mut con).is_empty());
     }
 }

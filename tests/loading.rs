@@ -102,3 +102,18 @@ on_every_server! {
         }
     }
 }
+
+/// Cluster mode is detected and said, in the log and in STATUS; writes that cannot be synced
+/// are counted, never dropped silently.
+#[test]
+fn cluster_mode_is_detected_and_reported() {
+    let server = Options::new(Flavor::Redis74).arg("cluster-enabled", "yes").start();
+    let mut con = server.connect();
+
+    let status: Vec<redis::Value> = cmd("KAMSYNC.STATUS").query(&mut con).unwrap();
+    let text = format!("{status:?}");
+
+    assert!(text.contains("yes (unsupported"), "{text}");
+    assert!(server.log().contains("cluster mode is not supported yet"));
+    assert_eq!(server.kamsync_info(&mut con)["cluster_mode"], "yes");
+}

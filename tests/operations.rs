@@ -144,17 +144,6 @@ on_every_server! {
     }
 }
 
-fn md5_hex(text: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new("md5sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()[..32].to_owned()
-}
-
 on_every_server! {
     /// CHECK finds each kind of problem planted (missing row, differing row, orphan row,
     /// conflict, invalid document) without writing; CHECK REPAIR fixes what can be fixed.

@@ -52,11 +52,7 @@ fn start() -> (Server, Connection, Kamailio) {
 fn new_domain_is_accepted_within_two_seconds_without_a_manual_reload() {
     require_kamailio!();
     let (server, mut con, kamailio) = start();
-    json_set(
-        &mut con,
-        "credential:1",
-        &json!({"username": "u", "domain": "new.org", "password": "p"}),
-    );
+    set_credential(&mut con, "credential:1", "u", "new.org", "p");
 
     json_set(&mut con, "sipdomain:new", &json!({"name": "new.org"}));
 
@@ -73,16 +69,8 @@ fn renamed_domain_takes_effect_without_a_manual_reload() {
     require_kamailio!();
     let (_server, mut con, kamailio) = start();
     json_set(&mut con, "sipdomain:x", &json!({"name": "old.org"}));
-    json_set(
-        &mut con,
-        "credential:old",
-        &json!({"username": "u", "domain": "old.org", "password": "p"}),
-    );
-    json_set(
-        &mut con,
-        "credential:new",
-        &json!({"username": "u", "domain": "new.org", "password": "p"}),
-    );
+    set_credential(&mut con, "credential:old", "u", "old.org", "p");
+    set_credential(&mut con, "credential:new", "u", "new.org", "p");
     assert!(within(Duration::from_secs(2), || kamailio.register("200", "u", "old.org", "u", "p"))
         .is_some());
 
@@ -102,11 +90,7 @@ fn renamed_domain_takes_effect_without_a_manual_reload() {
 fn a_frozen_kamailio_gets_the_change_when_it_resumes_and_redis_keeps_answering() {
     require_kamailio!();
     let (server, mut con, kamailio) = start();
-    json_set(
-        &mut con,
-        "credential:1",
-        &json!({"username": "u", "domain": "late.org", "password": "p"}),
-    );
+    set_credential(&mut con, "credential:1", "u", "late.org", "p");
     kamailio.signal_all("STOP");
 
     json_set(&mut con, "sipdomain:late", &json!({"name": "late.org"}));
@@ -138,11 +122,7 @@ fn a_burst_of_1000_domain_writes_leads_to_a_handful_of_reloads() {
     for i in 0..1000 {
         json_set(&mut con, &format!("sipdomain:b{i}"), &json!({"name": format!("b{i}.org")}));
     }
-    json_set(
-        &mut con,
-        "credential:1",
-        &json!({"username": "u", "domain": "b999.org", "password": "p"}),
-    );
+    set_credential(&mut con, "credential:1", "u", "b999.org", "p");
 
     assert!(within(Duration::from_secs(5), || kamailio.register("200", "u", "b999.org", "u", "p"))
         .is_some());

@@ -194,11 +194,3 @@ impl Kamailio {
         let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
     }
 }
-
-pub fn md5_hex(text: &str) -> String {
-    use std::io::Write;
-    let mut child =
-        Command::new("md5sum").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()[..32].to_owned()
-}

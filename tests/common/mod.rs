@@ -340,6 +340,23 @@ pub fn dump_all(con: &mut Connection) -> BTreeMap<Vec<u8>, Vec<u8>> {
         .collect()
 }
 
+/// A credential document with a plaintext password.
+pub fn set_credential(con: &mut Connection, key: &str, user: &str, domain: &str, password: &str) {
+    json_set(con, key, &json!({"username": user, "domain": domain, "password": password}));
+}
+
+/// MD5 in hex, by the system's md5sum: an implementation independent of the module's.
+pub fn md5_hex(text: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()[..32].to_owned()
+}
+
 /// The `id` field of a row, parsed.
 pub fn row_id(con: &mut Connection, key: &str) -> i64 {
     let row = hgetall(con, key);
