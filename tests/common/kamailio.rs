@@ -183,14 +183,13 @@ impl Drop for Kamailio {
     }
 }
 
-/// Stops (SIGSTOP) or resumes (SIGCONT) Kamailio's processes: a frozen Kamailio.
 impl Kamailio {
+    /// Stops (STOP) or resumes (CONT) Kamailio's processes: a frozen Kamailio.
     pub fn signal_all(&self, signal: &str) {
-        let pid = self.child.as_ref().unwrap().id();
-        // Kamailio's children are in the main process's process group.
-        let _ = Command::new("kill").arg(format!("-{signal}")).arg(format!("-{pid}")).status();
-        let _ =
-            Command::new("pkill").arg(format!("-{signal}")).arg("-P").arg(pid.to_string()).status();
-        let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        // Kamailio's workers are children of its main process; only those and the main
+        // process are signalled, never a process group (the test runner's own).
+        let _ = Command::new("pkill").arg(format!("-{signal}")).arg("-P").arg(&pid).status();
+        let _ = Command::new("kill").arg(format!("-{signal}")).arg(&pid).status();
     }
 }
