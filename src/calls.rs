@@ -1,14 +1,9 @@
-//! The only place kamsync reads and writes Redis.
+//! The only place kamsync issues Redis commands.
 //!
-//! Every write is propagated to replicas and the AOF inside the same MULTI/EXEC as the user's
-//! command that caused it: [`Calls::write`] uses `RM_Call` with the `!` flag (plain
-//! `Context::call` is not propagated, and replicas would silently diverge), and the hash
-//! writes ([`Calls::hash_set`], [`Calls::hash_del`]) go through the key API and propagate the
-//! equivalent HSET/HDEL with `RM_Replicate`. The hashes (rows and kamsync's state) are most of
-//! the work per event; the key API spares them the command dispatch of `RM_Call`. Such writes
-//! fire no keyspace notification (kamsync would ignore its own anyway); WATCH still sees them.
+//! Every write goes through [`Calls::write`], which uses `RM_Call` with the `!` flag: the command
+//! is propagated to replicas and the AOF, inside the same MULTI/EXEC as the user's command that
+//! caused it. Plain `Context::call` is not propagated, and replicas would silently diverge.
 
-use std::os::raw::{c_int, c_void};
 use std::sync::LazyLock;
 
 use redis_module::{
@@ -117,139 +112,6 @@ impl<'a> Calls<'a> {
                 message: err.to_utf8_string().unwrap_or_else(|| "(binary error)".into()),
             }),
         }
-    }
-}
-
-/// An open key, closed on drop.
-struct OpenKey(*mut raw::RedisModuleKey);
-
-impl Drop for OpenKey {
-    fn drop(&mut self) {
-        // SAFETY: the pointer came from RM_OpenKey and is closed once.
-        unsafe {
-            if let Some(close) = raw::RedisModule_CloseKey {
-                close(self.0);
-            }
-        }
-    }
-}
-
-impl Calls<'_> {
-    /// Opens a key; None for a missing key opened only for reading (RM_OpenKey's answer).
-    fn open(&self, key: &[u8], mode: u32) -> Option<OpenKey> {
-        let name = RedisString::create_from_slice(self.ctx.ctx, key);
-        // SAFETY: valid context and key name. RM_OpenKey keeps its own reference to the name,
-        // so ours may go at the end of this function.
-        let handle = unsafe {
-            raw::RedisModule_OpenKey.map(|open| open(self.ctx.ctx, name.inner, mode as c_int))
-        }
-        .unwrap_or(std::ptr::null_mut());
-        (!handle.is_null()).then_some(OpenKey(handle))
-    }
-
-    /// Whether an open key may be used as a hash: missing or a hash.
-    fn check_hash(&self, key: &OpenKey, command: &'static str) -> Result<bool, SyncError> {
-        // SAFETY: an open key.
-        let kind = unsafe { raw::RedisModule_KeyType.map_or(-1, |t| t(key.0)) };
-        match kind as isize {
-            raw::REDISMODULE_KEYTYPE_EMPTY => Ok(false),
-            raw::REDISMODULE_KEYTYPE_HASH => Ok(true),
-            _ => Err(SyncError::Redis {
-                command,
-                message: "WRONGTYPE the key holds a value that is not a hash".into(),
-            }),
-        }
-    }
-
-    /// HMGET through the key API: one value per field, None where absent.
-    pub fn hash_get(
-        &self,
-        key: &[u8],
-        fields: &[&[u8]],
-    ) -> Result<Vec<Option<Vec<u8>>>, SyncError> {
-        let Some(handle) = self.open(key, raw::REDISMODULE_READ) else {
-            return Ok(vec![None; fields.len()]);
-        };
-        if !self.check_hash(&handle, "HMGET")? {
-            return Ok(vec![None; fields.len()]);
-        }
-        let get = unsafe { raw::RedisModule_HashGet }
-            .ok_or(SyncError::Redis { command: "HMGET", message: "no HashGet API".into() })?;
-        let mut values = Vec::with_capacity(fields.len());
-        for field in fields {
-            let field = RedisString::create_from_slice(self.ctx.ctx, field);
-            let mut value: *mut raw::RedisModuleString = std::ptr::null_mut();
-            // SAFETY: an open hash key, a field string and an out pointer, NULL-terminated.
-            unsafe {
-                get(
-                    handle.0,
-                    raw::REDISMODULE_HASH_NONE as c_int,
-                    field.inner,
-                    &mut value as *mut *mut raw::RedisModuleString,
-                    std::ptr::null_mut::<c_void>(),
-                );
-            }
-            if value.is_null() {
-                values.push(None);
-            } else {
-                // Takes ownership: freed when dropped.
-                let value = RedisString::from_redis_module_string(self.ctx.ctx, value);
-                values.push(Some(value.as_slice().to_vec()));
-            }
-        }
-        Ok(values)
-    }
-
-    /// HSET through the key API, propagated as HSET.
-    pub fn hash_set(&self, key: &[u8], pairs: &[(&[u8], &[u8])]) -> Result<(), SyncError> {
-        self.hash_update(key, "HSET", pairs.iter().map(|(f, v)| (*f, Some(*v))))?;
-        let mut args: Vec<&[u8]> = Vec::with_capacity(1 + 2 * pairs.len());
-        args.push(key);
-        for (field, value) in pairs {
-            args.extend([*field, *value]);
-        }
-        self.ctx.replicate("HSET", args.as_slice());
-        Ok(())
-    }
-
-    /// HDEL through the key API, propagated as HDEL. A hash left empty is deleted.
-    pub fn hash_del(&self, key: &[u8], fields: &[&[u8]]) -> Result<(), SyncError> {
-        self.hash_update(key, "HDEL", fields.iter().map(|f| (*f, None)))?;
-        let mut args: Vec<&[u8]> = Vec::with_capacity(1 + fields.len());
-        args.push(key);
-        args.extend(fields);
-        self.ctx.replicate("HDEL", args.as_slice());
-        Ok(())
-    }
-
-    fn hash_update<'f>(
-        &self,
-        key: &[u8],
-        command: &'static str,
-        changes: impl Iterator<Item = (&'f [u8], Option<&'f [u8]>)>,
-    ) -> Result<(), SyncError> {
-        let handle = self
-            .open(key, raw::REDISMODULE_READ | raw::REDISMODULE_WRITE)
-            .ok_or(SyncError::Redis { command, message: "cannot open the key".into() })?;
-        self.check_hash(&handle, command)?;
-        let set = unsafe { raw::RedisModule_HashSet }
-            .ok_or(SyncError::Redis { command, message: "no HashSet API".into() })?;
-        for (field, value) in changes {
-            let field = RedisString::create_from_slice(self.ctx.ctx, field);
-            let value = value.map(|v| RedisString::create_from_slice(self.ctx.ctx, v));
-            let value_ptr = value.as_ref().map_or(raw::REDISMODULE_HASH_DELETE, |v| v.inner);
-            // SAFETY: an open writable key, field and value strings, NULL-terminated.
-            unsafe {
-                set(
-                    handle.0,
-                    raw::REDISMODULE_HASH_NONE as c_int,
-                    field.inner,
-                    value_ptr,
-                    std::ptr::null_mut::<c_void>(),
-                );
-            }
-        }
-        Ok(())
     }
 }
 

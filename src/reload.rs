@@ -345,9 +345,9 @@ fn collect_answer(ctx: &Context, calls: &Calls, state: &mut TargetState) -> Resu
     state.in_flight = None;
     match outcome {
         Ok(()) => {
-            calls.hash_set(
-                DELIVERED_KEY.as_bytes(),
-                &[(state.target.url.as_bytes(), id.as_bytes())],
+            calls.write(
+                "HSET",
+                &[DELIVERED_KEY.as_bytes(), state.target.url.as_bytes(), id.as_bytes()],
             )?;
             state.stats.reloads_sent += 1;
             state.stats.last_success_ms = now_ms();

@@ -352,8 +352,8 @@ impl<'a> Syncer<'a> {
         if let Some(old_row) = old_row {
             self.calls.write("DEL", &[old_row.as_bytes()])?;
             let waiters =
-                self.calls.hash_get(state_key.as_bytes(), &[&store::waiters_field(old_row)])?;
-            self.release(&state_key, old_row, waiters.into_iter().next().flatten(), &[])?;
+                self.calls.read("HGET", &[state_key.as_bytes(), &store::waiters_field(old_row)])?;
+            self.release(&state_key, old_row, waiters.into_bulk(), &[])?;
             COUNTERS.rows_deleted.incr();
         }
         let unchanged =
@@ -367,7 +367,7 @@ impl<'a> Syncer<'a> {
         if state.as_ref().is_some_and(|s| s.row_has_password && s.row == row.key)
             && !row.has_password()
         {
-            self.calls.hash_del(row.key.as_bytes(), &[b"password"])?;
+            self.calls.write("HDEL", &[row.key.as_bytes(), b"password"])?;
         }
         let new_state = EntityState {
             id,
@@ -390,17 +390,22 @@ impl<'a> Syncer<'a> {
         key: &[u8],
         row: &str,
     ) -> Result<(Option<EntityState>, Option<Vec<u8>>), SyncError> {
-        let mut values = self
-            .calls
-            .hash_get(state_key.as_bytes(), &[&store::entity_field(key), &store::owner_field(row)])?
-            .into_iter();
-        let state = values.next().flatten().and_then(|raw| EntityState::decode(&raw));
-        Ok((state, values.next().flatten()))
+        let reply = self.calls.read(
+            "HMGET",
+            &[state_key.as_bytes(), &store::entity_field(key), &store::owner_field(row)],
+        )?;
+        let Reply::Array(mut items) = reply else {
+            return Err(SyncError::Redis { command: "HMGET", message: "unexpected reply".into() });
+        };
+        let owner = items.pop().and_then(Reply::into_bulk);
+        let state =
+            items.pop().and_then(Reply::into_bulk).and_then(|raw| EntityState::decode(&raw));
+        Ok((state, owner))
     }
 
     fn entity_state(&self, state_key: &str, key: &[u8]) -> Result<Option<EntityState>, SyncError> {
-        let value = self.calls.hash_get(state_key.as_bytes(), &[&store::entity_field(key)])?;
-        Ok(value.into_iter().next().flatten().and_then(|raw| EntityState::decode(&raw)))
+        let reply = self.calls.read("HGET", &[state_key.as_bytes(), &store::entity_field(key)])?;
+        Ok(reply.into_bulk().and_then(|raw| EntityState::decode(&raw)))
     }
 
     fn issue_id(&mut self, kind: Kind) -> Result<i64, SyncError> {
@@ -550,8 +555,9 @@ impl<'a> Syncer<'a> {
         self.select(db)?;
         let state_key = store::state_key(kind);
         let owner_field = [b"r:".as_slice(), row].concat();
-        let owner = self.calls.hash_get(state_key.as_bytes(), &[&owner_field])?;
-        let Some(owner) = owner.into_iter().next().flatten() else {
+        let Some(owner) =
+            self.calls.read("HGET", &[state_key.as_bytes(), &owner_field])?.into_bulk()
+        else {
             return Ok(true);
         };
         if self.calls.key_kind(&owner) == KeyKind::Missing {
@@ -567,7 +573,7 @@ impl<'a> Syncer<'a> {
         let state_key = store::state_key(kind);
         let owner_field = [b"r:".as_slice(), row].concat();
         self.calls.write("DEL", &[row])?;
-        self.calls.hash_del(state_key.as_bytes(), &[&owner_field])?;
+        self.calls.write("HDEL", &[state_key.as_bytes(), &owner_field])?;
         COUNTERS.rows_deleted.incr();
         if kind == Kind::Domain {
             self.reload_dbs.insert(db);
@@ -600,15 +606,16 @@ impl<'a> Syncer<'a> {
 
     fn write_row(&self, row: &Row, id: i64) -> Result<(), SyncError> {
         let id = id.to_string();
-        let mut pairs: Vec<(&[u8], &[u8])> = Vec::with_capacity(2 + row.fields.len());
-        pairs.push((b"id", id.as_bytes()));
+        let mut args: Vec<&[u8]> = Vec::with_capacity(4 + 2 * row.fields.len());
+        args.push(row.key.as_bytes());
+        args.extend([b"id".as_slice(), id.as_bytes()]);
         for (name, value) in &row.fields {
-            pairs.push((name.as_bytes(), value.as_bytes()));
+            args.extend([name.as_bytes(), value.as_bytes()]);
         }
         if row.reload_relevant {
-            pairs.push((b"last_modified", self.clock.last_modified().as_bytes()));
+            args.extend([b"last_modified".as_slice(), self.clock.last_modified().as_bytes()]);
         }
-        self.calls.hash_set(row.key.as_bytes(), &pairs)?;
+        self.calls.write("HSET", &args)?;
         COUNTERS.rows_written.incr();
         Ok(())
     }
@@ -621,14 +628,21 @@ impl<'a> Syncer<'a> {
             return Ok(Action::Nothing);
         };
         let entity_field = store::entity_field(key);
-        let mut values = self
-            .calls
-            .hash_get(
+        let reply = self.calls.read(
+            "HMGET",
+            &[
                 state_key.as_bytes(),
-                &[&store::owner_field(&state.row), &store::waiters_field(&state.row)],
-            )?
-            .into_iter();
-        let (owner, waiters) = (values.next().flatten(), values.next().flatten());
+                &store::owner_field(&state.row),
+                &store::waiters_field(&state.row),
+            ],
+        )?;
+        let (owner, waiters) = match reply {
+            Reply::Array(items) => {
+                let mut items = items.into_iter().map(Reply::into_bulk);
+                (items.next().flatten(), items.next().flatten())
+            }
+            _ => (None, None),
+        };
         if owner.as_deref() == Some(key) {
             self.calls.write("DEL", &[state.row.as_bytes()])?;
             self.release(&state_key, &state.row, waiters, &entity_field)?;
@@ -638,7 +652,7 @@ impl<'a> Syncer<'a> {
             }
         } else {
             // The row went to another entity meanwhile (a repair did it): leave it.
-            self.calls.hash_del(state_key.as_bytes(), &[&entity_field])?;
+            self.calls.write("HDEL", &[state_key.as_bytes(), &entity_field])?;
         }
         Ok(Action::Removed { row: state.row })
     }
@@ -654,14 +668,14 @@ impl<'a> Syncer<'a> {
     ) -> Result<(), SyncError> {
         let owner_field = store::owner_field(row);
         let waiters_field = store::waiters_field(row);
-        let mut fields: Vec<&[u8]> = vec![&owner_field];
+        let mut fields: Vec<&[u8]> = vec![state_key.as_bytes(), &owner_field];
         if !also.is_empty() {
             fields.push(also);
         }
         if waiters.is_some() {
             fields.push(&waiters_field);
         }
-        self.calls.hash_del(state_key.as_bytes(), &fields)?;
+        self.calls.write("HDEL", &fields)?;
         for waiter in waiters.as_deref().map(store::decode_waiters).unwrap_or_default() {
             self.waiters.push((self.db, waiter));
         }
@@ -671,14 +685,14 @@ impl<'a> Syncer<'a> {
     /// Records `key` among the entities waiting for `row`.
     fn wait_for(&self, state_key: &str, row: &str, key: &[u8]) -> Result<(), SyncError> {
         let field = store::waiters_field(row);
-        let current =
-            self.calls.hash_get(state_key.as_bytes(), &[&field])?.into_iter().next().flatten();
+        let current = self.calls.read("HGET", &[state_key.as_bytes(), &field])?.into_bulk();
         let mut waiters = current.as_deref().map(store::decode_waiters).unwrap_or_default();
         if waiters.iter().any(|w| w.as_slice() == key) {
             return Ok(());
         }
         waiters.push(key.to_vec());
-        self.calls.hash_set(state_key.as_bytes(), &[(&field, &store::encode_waiters(&waiters))])?;
+        self.calls
+            .write("HSET", &[state_key.as_bytes(), &field, &store::encode_waiters(&waiters)])?;
         Ok(())
     }
 
@@ -704,7 +718,7 @@ impl<'a> Syncer<'a> {
             return Ok(());
         };
         self.record_state(&state_key, to, &state)?;
-        self.calls.hash_del(state_key.as_bytes(), &[&store::entity_field(from)])?;
+        self.calls.write("HDEL", &[state_key.as_bytes(), &store::entity_field(from)])?;
         Ok(())
     }
 
@@ -715,13 +729,17 @@ impl<'a> Syncer<'a> {
         key: &[u8],
         state: &EntityState,
     ) -> Result<(), SyncError> {
-        let entity_field = store::entity_field(key);
-        let owner_field = store::owner_field(&state.row);
-        let encoded = state.encode();
-        self.calls.hash_set(
-            state_key.as_bytes(),
-            &[(&entity_field, encoded.as_bytes()), (&owner_field, key)],
-        )
+        self.calls.write(
+            "HSET",
+            &[
+                state_key.as_bytes(),
+                &store::entity_field(key),
+                state.encode().as_bytes(),
+                &store::owner_field(&state.row),
+                key,
+            ],
+        )?;
+        Ok(())
     }
 
     fn report(&self, db: i32, key: &[u8], err: &SyncError) {
