@@ -117,3 +117,18 @@ fn cluster_mode_is_detected_and_reported() {
     assert!(server.log().contains("cluster mode is not supported yet"));
     assert_eq!(server.kamsync_info(&mut con)["cluster_mode"], "yes");
 }
+
+on_every_server! {
+    /// MODULE UNLOAD is refused (kamsync's delivery timer and threads must not outlive its
+    /// code); the server keeps serving and syncing.
+    fn module_unload_is_refused_and_syncing_goes_on(flavor: Flavor) {
+        let server = Server::start(flavor);
+        let mut con = server.connect();
+
+        let unloaded: redis::RedisResult<()> = cmd("MODULE").arg("UNLOAD").arg("kamsync").query(&mut con);
+        json_set(&mut con, "sipdomain:1", &json!({"name": "a.org"}));
+
+        assert!(unloaded.is_err());
+        assert_eq!(row_id(&mut con, "domain:entry::a.org"), 1);
+    }
+}
