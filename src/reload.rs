@@ -202,7 +202,9 @@ fn spawn_worker(target: &Target) -> TargetState {
     // The thread ends when its sender is dropped (target removed from the configuration).
     let _ = std::thread::Builder::new().name("kamsync-reload".into()).spawn(move || {
         while let Ok(id) = queue.recv() {
-            let outcome = call(&worker_target);
+            // A panic must not leave the target marked "in flight" for ever.
+            let outcome = std::panic::catch_unwind(|| call(&worker_target))
+                .unwrap_or_else(|_| Err("internal error in the reload call (a bug)".into()));
             *worker_done.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, outcome));
         }
     });
