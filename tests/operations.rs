@@ -210,6 +210,9 @@ on_every_server! {
         let task = wait_for_task(&mut con);
 
         assert_eq!(task["synced"], "6");
+        let log = server.log();
+        assert!(log.contains("resync started in db 0"), "{log}");
+        assert!(log.contains("resync done in db 0 after") && log.contains("6 synced, 0 rejected"), "{log}");
         for i in [1, 2, 4, 5] {
             assert_eq!(row_id(&mut con, &format!("domain:entry::d{i}.org")), 100 + i);
             let doc = json_get(&mut con, &format!("sipdomain:{i}"));
