@@ -18,8 +18,6 @@ mod common;
 
 use std::fmt::Write as _;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -176,21 +174,7 @@ fn resync(n: usize) -> (f64, Duration, u64) {
     prepare(&mut con, credential_key, n);
     let _: () =
         cmd("MODULE").arg("LOAD").arg(module_path().to_str().unwrap()).query(&mut con).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let pinger = {
-        let stop = stop.clone();
-        let mut ping = server.connect();
-        std::thread::spawn(move || {
-            let mut worst = Duration::ZERO;
-            while !stop.load(Ordering::Relaxed) {
-                let at = Instant::now();
-                let _: String = cmd("PING").query(&mut ping).unwrap();
-                worst = worst.max(at.elapsed());
-                std::thread::sleep(Duration::from_micros(500));
-            }
-            worst
-        })
-    };
+    let pinger = Pinger::start(&server);
     let started = Instant::now();
     let _: String = cmd("KAMSYNC.RESYNC").query(&mut con).unwrap();
     loop {
@@ -200,8 +184,7 @@ fn resync(n: usize) -> (f64, Duration, u64) {
         }
     }
     let took = started.elapsed();
-    stop.store(true, Ordering::Relaxed);
-    let worst = pinger.join().unwrap();
+    let (worst, _) = pinger.stop();
     let info = server.kamsync_info(&mut con);
     assert_eq!(info["task_synced"], n.to_string(), "{info:?}");
     let longest = info["task_longest_batch_us"].parse().unwrap_or(0);

@@ -2,8 +2,6 @@
 //! STATUS and INFO, and the commands' flags.
 
 mod common;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -97,31 +95,14 @@ on_every_server! {
         let mut con = server.connect();
         load_entities(&mut con, 100_000);
         let _: () = cmd("MODULE").arg("LOAD").arg(module_path().to_str().unwrap()).query(&mut con).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let pinger = {
-            let stop = stop.clone();
-            let mut ping_con = server.connect();
-            std::thread::spawn(move || {
-                let mut worst = Duration::ZERO;
-                let mut pings = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    let at = Instant::now();
-                    let _: String = cmd("PING").query(&mut ping_con).unwrap();
-                    worst = worst.max(at.elapsed());
-                    pings += 1;
-                    std::thread::sleep(Duration::from_micros(200));
-                }
-                (worst, pings)
-            })
-        };
+        let pinger = Pinger::start(&server);
 
         let started = Instant::now();
         let reply: String = cmd("KAMSYNC.RESYNC").query(&mut con).unwrap();
         let second: redis::RedisResult<String> = cmd("KAMSYNC.RESYNC").query(&mut con);
         let task = wait_for_task(&mut con);
         let took = started.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        let (worst, pings) = pinger.join().unwrap();
+        let (worst, pings) = pinger.stop();
         eprintln!(
             "{flavor:?}: RESYNC of 110000 entities took {took:?} ({:.0}/s); worst PING {worst:?} over {pings} pings; longest batch {} us",
             110_000.0 / took.as_secs_f64(),

@@ -357,6 +357,40 @@ pub fn md5_hex(text: &str) -> String {
     String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()[..32].to_owned()
 }
 
+/// A client that PINGs a server every 200 µs from its own thread and keeps the worst answer
+/// time: what a user would notice while the server is busy. Stop it to read the figures.
+pub struct Pinger {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(Duration, u64)>,
+}
+
+impl Pinger {
+    pub fn start(server: &Server) -> Pinger {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut con = server.connect();
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            let mut pings = 0;
+            while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let at = Instant::now();
+                let _: String = cmd("PING").query(&mut con).unwrap();
+                worst = worst.max(at.elapsed());
+                pings += 1;
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            (worst, pings)
+        });
+        Pinger { stop, thread }
+    }
+
+    /// The worst PING and how many were answered.
+    pub fn stop(self) -> (Duration, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
 /// The `id` field of a row, parsed.
 pub fn row_id(con: &mut Connection, key: &str) -> i64 {
     let row = hgetall(con, key);
