@@ -284,3 +284,24 @@ on_every_server! {
         }
     }
 }
+
+/// RESYNC ABORT stops a running resync after its current batch; STATUS says so.
+#[test]
+fn resync_abort_stops_the_running_resync() {
+    let server = Options::new(Flavor::Redis74).without_module().start();
+    let mut con = server.connect();
+    load_entities(&mut con, 50_000);
+    let _: () =
+        cmd("MODULE").arg("LOAD").arg(module_path().to_str().unwrap()).query(&mut con).unwrap();
+
+    let _: String = cmd("KAMSYNC.RESYNC").query(&mut con).unwrap();
+    let aborting: String = cmd("KAMSYNC.RESYNC").arg("ABORT").query(&mut con).unwrap();
+    let task = wait_for_task(&mut con);
+    let nothing: String = cmd("KAMSYNC.RESYNC").arg("ABORT").query(&mut con).unwrap();
+
+    assert_eq!(aborting, "aborting");
+    assert_eq!(task["state"], "aborted");
+    assert!(task["synced"].parse::<u64>().unwrap() < 55_000, "{task:?}");
+    assert_eq!(nothing, "nothing running");
+    assert!(server.log().contains("resync aborted in db 0"));
+}
