@@ -17,9 +17,13 @@
 
 use crate::mapping::Kind;
 
-/// Name of the state hash for a kind.
-pub fn state_key(kind: Kind) -> String {
-    format!("{}{}", crate::config::STATE_KEY_PREFIX, kind.name())
+/// Name of the state hash for a kind (`kamsync:state:<kind>`, under
+/// [`crate::config::STATE_KEY_PREFIX`]).
+pub fn state_key(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Domain => "kamsync:state:domain",
+        Kind::Credential => "kamsync:state:credential",
+    }
 }
 
 /// Field holding an entity's state.
@@ -154,5 +158,8 @@ mod tests {
         assert_eq!(entity_field(b"sipdomain:\x00"), b"e:sipdomain:\x00".to_vec());
         assert_eq!(owner_field("domain:entry::a"), b"r:domain:entry::a".to_vec());
         assert_eq!(state_key(Kind::Credential), "kamsync:state:credential");
+        for kind in Kind::ALL {
+            assert!(state_key(kind).starts_with(crate::config::STATE_KEY_PREFIX));
+        }
     }
 }

@@ -330,9 +330,9 @@ impl<'a> Syncer<'a> {
         COUNTERS.upserts.incr();
         let row = self.row_for(kind, doc)?;
         let state_key = store::state_key(kind);
-        let (state, owner) = self.state_and_owner(&state_key, key, &row.key)?;
+        let (state, owner) = self.state_and_owner(state_key, key, &row.key)?;
         if let Some(owner) = owner.filter(|owner| owner.as_slice() != key) {
-            self.wait_for(&state_key, &row.key, key)?;
+            self.wait_for(state_key, &row.key, key)?;
             return Err(SyncError::Conflict { row: row.key, owner: stats::printable_key(&owner) });
         }
 
@@ -353,7 +353,7 @@ impl<'a> Syncer<'a> {
             self.calls.write("DEL", &[old_row.as_bytes()])?;
             let waiters =
                 self.calls.read("HGET", &[state_key.as_bytes(), &store::waiters_field(old_row)])?;
-            self.release(&state_key, old_row, waiters.into_bulk(), &[])?;
+            self.release(state_key, old_row, waiters.into_bulk(), &[])?;
             COUNTERS.rows_deleted.incr();
         }
         let unchanged =
@@ -376,7 +376,7 @@ impl<'a> Syncer<'a> {
             row_has_password: row.has_password(),
             row: row.key.clone(),
         };
-        self.record_state(&state_key, key, &new_state)?;
+        self.record_state(state_key, key, &new_state)?;
         if row.reload_relevant {
             self.reload_dbs.insert(self.db);
         }
@@ -530,7 +530,7 @@ impl<'a> Syncer<'a> {
             Ok(row) => row,
             Err(err) => return Ok(Finding::Invalid(err.to_string())),
         };
-        let (state, owner) = self.state_and_owner(&store::state_key(kind), key, &row.key)?;
+        let (state, owner) = self.state_and_owner(store::state_key(kind), key, &row.key)?;
         if let Some(owner) = owner.filter(|owner| owner.as_slice() != key) {
             return Ok(Finding::Conflict { row: row.key, owner: stats::printable_key(&owner) });
         }
@@ -563,7 +563,7 @@ impl<'a> Syncer<'a> {
         if self.calls.key_kind(&owner) == KeyKind::Missing {
             return Ok(true);
         }
-        let state = self.entity_state(&state_key, &owner)?;
+        let state = self.entity_state(state_key, &owner)?;
         Ok(state.is_none_or(|s| s.row.as_bytes() != row))
     }
 
@@ -624,7 +624,7 @@ impl<'a> Syncer<'a> {
     fn remove(&mut self, kind: Kind, key: &[u8]) -> Result<Action, SyncError> {
         COUNTERS.removes.incr();
         let state_key = store::state_key(kind);
-        let Some(state) = self.entity_state(&state_key, key)? else {
+        let Some(state) = self.entity_state(state_key, key)? else {
             return Ok(Action::Nothing);
         };
         let entity_field = store::entity_field(key);
@@ -645,7 +645,7 @@ impl<'a> Syncer<'a> {
         };
         if owner.as_deref() == Some(key) {
             self.calls.write("DEL", &[state.row.as_bytes()])?;
-            self.release(&state_key, &state.row, waiters, &entity_field)?;
+            self.release(state_key, &state.row, waiters, &entity_field)?;
             COUNTERS.rows_deleted.incr();
             if kind == Kind::Domain {
                 self.reload_dbs.insert(self.db);
@@ -708,16 +708,16 @@ impl<'a> Syncer<'a> {
             return Ok(());
         }
         let state_key = store::state_key(kind);
-        if self.entity_state(&state_key, to)?.is_some() {
+        if self.entity_state(state_key, to)?.is_some() {
             self.remove(kind, to)?;
         }
         let Some(from) = from.filter(|from| self.config.kind_of(from) == Some(kind)) else {
             return Ok(());
         };
-        let Some(state) = self.entity_state(&state_key, from)? else {
+        let Some(state) = self.entity_state(state_key, from)? else {
             return Ok(());
         };
-        self.record_state(&state_key, to, &state)?;
+        self.record_state(state_key, to, &state)?;
         self.calls.write("HDEL", &[state_key.as_bytes(), &store::entity_field(from)])?;
         Ok(())
     }
