@@ -12,7 +12,7 @@
 //! them, by construction rather than by recognising kamsync's keys.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use redis_module::{Context, ContextFlags};
@@ -33,22 +33,23 @@ struct Queue {
 
 static QUEUE: Mutex<Queue> = Mutex::new(Queue { ops: Vec::new(), rename_from: None });
 
-static OWN_WRITES: AtomicBool = AtomicBool::new(false);
+/// How many [`OwnWrites`] guards are held (a count, so that nested holds stay correct).
+static OWN_WRITES: AtomicUsize = AtomicUsize::new(0);
 
 /// Held while kamsync writes; the callback ignores every event meanwhile. Dropping it (also on
-/// unwinding) lets events through again.
+/// unwinding) lets events through again once no other guard is held.
 pub struct OwnWrites(());
 
 impl OwnWrites {
     pub fn hold() -> Self {
-        OWN_WRITES.store(true, Ordering::SeqCst);
+        OWN_WRITES.fetch_add(1, Ordering::SeqCst);
         OwnWrites(())
     }
 }
 
 impl Drop for OwnWrites {
     fn drop(&mut self) {
-        OWN_WRITES.store(false, Ordering::SeqCst);
+        OWN_WRITES.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -82,7 +83,7 @@ pub fn ops_for_event(
 
 /// The keyspace notification callback (all classes but key-miss and new).
 pub fn on_event(ctx: &Context, event: &str, key: &[u8]) {
-    if OWN_WRITES.load(Ordering::SeqCst) {
+    if OWN_WRITES.load(Ordering::SeqCst) > 0 {
         return;
     }
     if event == "rename_from" {
@@ -156,6 +157,16 @@ mod tests {
 
     fn reconcile(db: i32, key: &[u8]) -> Op {
         Op::Reconcile { db, key: key.to_vec() }
+    }
+
+    #[test]
+    fn nested_guards_keep_events_out_until_the_last_is_dropped() {
+        let outer = OwnWrites::hold();
+        let inner = OwnWrites::hold();
+        drop(inner);
+        assert!(OWN_WRITES.load(Ordering::SeqCst) > 0);
+        drop(outer);
+        assert_eq!(OWN_WRITES.load(Ordering::SeqCst), 0);
     }
 
     #[test]
