@@ -32,8 +32,8 @@ pub fn entity_field(entity_key: &[u8]) -> Vec<u8> {
 }
 
 /// Field naming a row's owner.
-pub fn owner_field(row_key: &str) -> Vec<u8> {
-    [b"r:".as_slice(), row_key.as_bytes()].concat()
+pub fn owner_field(row_key: impl AsRef<[u8]>) -> Vec<u8> {
+    [b"r:".as_slice(), row_key.as_ref()].concat()
 }
 
 /// Field listing the entities waiting for a row.

@@ -115,6 +115,14 @@ pub struct Adoption {
     pending_max: HashMap<(i32, Kind), i64>,
 }
 
+/// What an entity key holds, as [`Syncer::reconcile`] and [`Syncer::inspect`] read it.
+enum Entity {
+    Missing,
+    Document(Value),
+    /// A non-JSON value, or a document that does not parse: the reason.
+    Unreadable(SyncError),
+}
+
 /// What [`Syncer::inspect`] finds about one entity, without writing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
@@ -172,7 +180,7 @@ impl<'a> Syncer<'a> {
     }
 
     /// Switches to [`Mode::Command`], carrying the ids adopted so far (a resync runs in many
-    /// batches; see [`Syncer::into_adoption`]).
+    /// batches; [`Syncer::finish`] hands them back).
     pub fn for_command(mut self, adoption: Adoption) -> Self {
         self.mode = Mode::Command;
         self.adoption = adoption;
@@ -291,31 +299,35 @@ impl<'a> Syncer<'a> {
         let Some(kind) = self.config.kind_of(key) else {
             return Ok(Action::Nothing);
         };
-        // JSON.GET answers nil for a missing key and an error for any other type: one call
-        // on the common path, and the key's type is looked up only to name it in the error.
-        match self.calls.read("JSON.GET", &[key]) {
-            Ok(Reply::Bulk(text)) => {
-                let doc: Value =
-                    serde_json::from_slice(&text).map_err(|e| SyncError::BadJson(e.to_string()))?;
-                self.upsert(kind, key, &doc)
+        match self.read_entity(key) {
+            Entity::Document(doc) => self.upsert(kind, key, &doc),
+            Entity::Missing => self.remove(kind, key),
+            // A non-JSON value replaced the entity: its row goes. A document that does not
+            // parse is only invalid: its last good row stays.
+            Entity::Unreadable(err @ SyncError::NotJson(_)) => {
+                self.remove(kind, key)?;
+                Err(err)
             }
-            Ok(Reply::Nil) => self.remove(kind, key),
-            _ => match self.calls.key_kind(key) {
-                KeyKind::Missing => self.remove(kind, key),
-                KeyKind::Module => self.remove_not_json(kind, key, "module"),
-                KeyKind::Core(found) => self.remove_not_json(kind, key, found),
-            },
+            Entity::Unreadable(err) => Err(err),
         }
     }
 
-    fn remove_not_json(
-        &mut self,
-        kind: Kind,
-        key: &[u8],
-        found: &str,
-    ) -> Result<Action, SyncError> {
-        self.remove(kind, key)?;
-        Err(SyncError::NotJson(found.to_owned()))
+    /// What the key holds now. JSON.GET answers nil for a missing key and an error for any
+    /// other type: one call on the common path; the key's type is looked up only to name it in
+    /// the error.
+    fn read_entity(&self, key: &[u8]) -> Entity {
+        match self.calls.read("JSON.GET", &[key]) {
+            Ok(Reply::Bulk(text)) => match serde_json::from_slice(&text) {
+                Ok(doc) => Entity::Document(doc),
+                Err(e) => Entity::Unreadable(SyncError::BadJson(e.to_string())),
+            },
+            Ok(Reply::Nil) => Entity::Missing,
+            _ => match self.calls.key_kind(key) {
+                KeyKind::Missing => Entity::Missing,
+                KeyKind::Module => Entity::Unreadable(SyncError::NotJson("module".into())),
+                KeyKind::Core(found) => Entity::Unreadable(SyncError::NotJson(found.into())),
+            },
+        }
     }
 
     fn row_for(&self, kind: Kind, doc: &Value) -> Result<Row, SyncError> {
@@ -511,20 +523,10 @@ impl<'a> Syncer<'a> {
         let Some(kind) = self.config.kind_of(key) else {
             return Ok(Finding::InStep);
         };
-        let doc: Value = match self.calls.key_kind(key) {
-            KeyKind::Missing => return Ok(Finding::InStep),
-            KeyKind::Core(found) => {
-                return Ok(Finding::Invalid(SyncError::NotJson(found.into()).to_string()))
-            }
-            KeyKind::Module => match self.calls.read("JSON.GET", &[key]) {
-                Ok(Reply::Bulk(text)) => match serde_json::from_slice(&text) {
-                    Ok(doc) => doc,
-                    Err(e) => {
-                        return Ok(Finding::Invalid(SyncError::BadJson(e.to_string()).to_string()))
-                    }
-                },
-                _ => return Ok(Finding::Invalid(SyncError::NotJson("module".into()).to_string())),
-            },
+        let doc = match self.read_entity(key) {
+            Entity::Missing => return Ok(Finding::InStep),
+            Entity::Document(doc) => doc,
+            Entity::Unreadable(err) => return Ok(Finding::Invalid(err.to_string())),
         };
         let row = match self.row_for(kind, &doc) {
             Ok(row) => row,
@@ -554,7 +556,7 @@ impl<'a> Syncer<'a> {
     pub fn is_orphan_row(&mut self, db: i32, kind: Kind, row: &[u8]) -> Result<bool, SyncError> {
         self.select(db)?;
         let state_key = store::state_key(kind);
-        let owner_field = [b"r:".as_slice(), row].concat();
+        let owner_field = store::owner_field(row);
         let Some(owner) =
             self.calls.read("HGET", &[state_key.as_bytes(), &owner_field])?.into_bulk()
         else {
@@ -571,7 +573,7 @@ impl<'a> Syncer<'a> {
     pub fn remove_orphan_row(&mut self, db: i32, kind: Kind, row: &[u8]) -> Result<(), SyncError> {
         self.select(db)?;
         let state_key = store::state_key(kind);
-        let owner_field = [b"r:".as_slice(), row].concat();
+        let owner_field = store::owner_field(row);
         self.calls.write("DEL", &[row])?;
         self.calls.write("HDEL", &[state_key.as_bytes(), &owner_field])?;
         COUNTERS.rows_deleted.incr();
