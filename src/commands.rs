@@ -27,36 +27,11 @@ pub fn status(ctx: &Context, args: Vec<RedisString>) -> RedisResult {
     }
     let flags = ctx.get_flags();
     let role = if flags.contains(ContextFlags::SLAVE) { "replica" } else { "primary" };
-    let config = config::get().clone();
-    let settings = vec![
-        text("domain-prefix"),
-        text(config.domain_prefix.as_str()),
-        text("credential-prefix"),
-        text(config.credential_prefix.as_str()),
-        text("domain-table"),
-        text(config.domain_table.as_str()),
-        text("subscriber-table"),
-        text(config.subscriber_table.as_str()),
-        text("domain-sequence"),
-        text(config.domain_sequence.as_str()),
-        text("subscriber-sequence"),
-        text(config.subscriber_sequence.as_str()),
-        text("reload-stream"),
-        text(config.reload_stream.as_str()),
-        text("reload-stream-maxlen"),
-        int(config.reload_stream_maxlen),
-        text("last-modified-format"),
-        text(match config.last_modified_format {
-            config::LastModifiedFormat::Datetime => "datetime",
-            config::LastModifiedFormat::Epoch => "epoch",
-        }),
-        text("audit"),
-        text(if config.audit { "yes" } else { "no" }),
-        text("store-password"),
-        text(if config.store_password { "yes" } else { "no" }),
-        text("reload-targets"),
-        text(config.reload_targets.as_str()),
-    ];
+    let settings = config::get()
+        .settings()
+        .into_iter()
+        .flat_map(|(name, value)| [text(name), text(value)])
+        .collect();
     let counters = COUNTERS
         .snapshot()
         .into_iter()

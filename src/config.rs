@@ -215,6 +215,13 @@ pub fn get() -> Arc<Config> {
     CONFIG.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
 }
 
+/// The kind of entity `key` names under the current prefixes. The keyspace callback asks this
+/// for every key written in the server, entity or not: it reads under the lock, without
+/// taking a reference to the whole configuration as [`get`] does.
+pub fn kind_of(key: &[u8]) -> Option<Kind> {
+    CONFIG.read().unwrap_or_else(|poisoned| poisoned.into_inner()).kind_of(key)
+}
+
 /// Values refused while the module was loading (from redis.conf or `loadmodule` arguments).
 /// Redis only logs such a refusal and keeps the default; kamsync fails the load instead, so a
 /// typo in a prefix never syncs the wrong keys silently.
@@ -416,6 +423,26 @@ fn load_arg(args: &[RedisString], name: &str) -> Result<Option<String>, String> 
     Ok(found)
 }
 
+impl Config {
+    /// Every setting by its name (without `kamsync.`) and value as CONFIG GET shows it, in the
+    /// order they are registered: what KAMSYNC.STATUS lists.
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let mut copy = self.clone();
+        let mut out: Vec<(&'static str, String)> =
+            STRING_SETTINGS.iter().map(|(name, s)| (*name, s.0(&mut copy).clone())).collect();
+        for (name, setting) in BOOL_SETTINGS {
+            out.push((name, if *setting.0(&mut copy) { "yes" } else { "no" }.into()));
+        }
+        out.push(("reload-stream-maxlen", self.reload_stream_maxlen.to_string()));
+        let format = match self.last_modified_format {
+            LastModifiedFormat::Datetime => "datetime",
+            LastModifiedFormat::Epoch => "epoch",
+        };
+        out.push(("last-modified-format", format.into()));
+        out
+    }
+}
+
 fn is_setting(name: &str) -> bool {
     STRING_SETTINGS.iter().any(|(n, _)| *n == name)
         || BOOL_SETTINGS.iter().any(|(n, _)| *n == name)
@@ -430,6 +457,18 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         assert_eq!(Config::default().validate(), Ok(()));
+    }
+
+    #[test]
+    fn settings_lists_every_registered_setting_once() {
+        let settings = Config::default().settings();
+        let names: std::collections::BTreeSet<_> = settings.iter().map(|(n, _)| *n).collect();
+
+        assert_eq!(names.len(), settings.len());
+        assert_eq!(settings.len(), STRING_SETTINGS.len() + BOOL_SETTINGS.len() + 2);
+        assert!(names.iter().all(|name| is_setting(name)));
+        assert!(settings.contains(&("audit", "yes".into())));
+        assert!(settings.contains(&("last-modified-format", "datetime".into())));
     }
 
     #[test]

@@ -53,31 +53,24 @@ impl Drop for OwnWrites {
     }
 }
 
-/// What the callback makes of one event on an entity key.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Queued {
-    Nothing,
-    Ops(Vec<Op>),
-}
-
-/// Pure decision: which ops an event queues. `rename_from` is the source of the RENAME whose
-/// `rename_to` this may be.
+/// Pure decision: which ops an event on an entity key queues (none for a TTL change).
+/// `rename_from` is the source of the RENAME whose `rename_to` this may be.
 pub fn ops_for_event(
     event: &str,
     db: i32,
     key: &[u8],
     rename_from: &mut Option<(i32, Vec<u8>)>,
-) -> Queued {
+) -> Vec<Op> {
     if IGNORED_EVENTS.contains(&event) {
-        return Queued::Nothing;
+        return Vec::new();
     }
     let reconcile = Op::Reconcile { db, key: key.to_vec() };
     match event {
         "rename_to" => {
             let from = rename_from.take().filter(|(from_db, _)| *from_db == db).map(|(_, k)| k);
-            Queued::Ops(vec![Op::Move { db, from, to: key.to_vec() }, reconcile])
+            vec![Op::Move { db, from, to: key.to_vec() }, reconcile]
         }
-        _ => Queued::Ops(vec![reconcile]),
+        _ => vec![reconcile],
     }
 }
 
@@ -92,7 +85,7 @@ pub fn on_event(ctx: &Context, event: &str, key: &[u8]) {
         let mut queue = QUEUE.lock().unwrap_or_else(|p| p.into_inner());
         queue.rename_from = Some((Calls::selected_db(ctx), key.to_vec()));
     }
-    if config::get().kind_of(key).is_none() {
+    if config::kind_of(key).is_none() {
         return;
     }
     COUNTERS.events_seen.incr();
@@ -106,9 +99,10 @@ pub fn on_event(ctx: &Context, event: &str, key: &[u8]) {
     {
         let mut queue = QUEUE.lock().unwrap_or_else(|p| p.into_inner());
         let queue = &mut *queue;
-        let Queued::Ops(ops) = ops_for_event(event, db, key, &mut queue.rename_from) else {
+        let ops = ops_for_event(event, db, key, &mut queue.rename_from);
+        if ops.is_empty() {
             return;
-        };
+        }
         queue.ops.extend(ops);
     }
     // One job per event: the first one to run drains the queue, the others find it empty. A
@@ -173,7 +167,7 @@ mod tests {
     fn ttl_changes_queue_nothing() {
         let mut pending = None;
         for event in IGNORED_EVENTS {
-            assert_eq!(ops_for_event(event, 0, b"sipdomain:a", &mut pending), Queued::Nothing);
+            assert_eq!(ops_for_event(event, 0, b"sipdomain:a", &mut pending), Vec::new());
         }
     }
 
@@ -184,7 +178,7 @@ mod tests {
         {
             assert_eq!(
                 ops_for_event(event, 3, b"k", &mut pending),
-                Queued::Ops(vec![reconcile(3, b"k")]),
+                vec![reconcile(3, b"k")],
                 "{event}"
             );
         }
@@ -198,10 +192,10 @@ mod tests {
 
         assert_eq!(
             to,
-            Queued::Ops(vec![
+            vec![
                 Op::Move { db: 0, from: Some(b"a".to_vec()), to: b"b".to_vec() },
                 reconcile(0, b"b")
-            ])
+            ]
         );
         assert_eq!(pending, None);
     }
@@ -212,12 +206,6 @@ mod tests {
 
         let to = ops_for_event("rename_to", 2, b"b", &mut pending);
 
-        assert_eq!(
-            to,
-            Queued::Ops(vec![
-                Op::Move { db: 2, from: None, to: b"b".to_vec() },
-                reconcile(2, b"b")
-            ])
-        );
+        assert_eq!(to, vec![Op::Move { db: 2, from: None, to: b"b".to_vec() }, reconcile(2, b"b")]);
     }
 }
