@@ -288,6 +288,10 @@ fn run_tick(ctx: &Context) -> Result<(), SyncError> {
         }),
         _ => None,
     };
+    // Answers first, so that the delivered ids read next include what they just recorded.
+    for state in states.iter_mut() {
+        collect_answer(ctx, &calls, state)?;
+    }
     let delivered: BTreeMap<String, String> = {
         let mut map = BTreeMap::new();
         if let Reply::Array(items) = calls.read("HGETALL", &[DELIVERED_KEY.as_bytes()])? {
@@ -303,12 +307,7 @@ fn run_tick(ctx: &Context) -> Result<(), SyncError> {
         map
     };
     for state in states.iter_mut() {
-        collect_answer(ctx, &calls, state)?;
         let done_up_to = delivered.get(&state.target.url).cloned().unwrap_or_default();
-        let done_up_to = match &state.stats.delivered_id {
-            recorded if id_key(recorded) > id_key(&done_up_to) => recorded.clone(),
-            _ => done_up_to,
-        };
         state.stats.delivered_id = done_up_to.clone();
         let Some(newest) = newest.as_deref().filter(|n| id_key(n) > id_key(&done_up_to)) else {
             state.stats.pending = 0;
@@ -353,7 +352,6 @@ fn collect_answer(ctx: &Context, calls: &Calls, state: &mut TargetState) -> Resu
             )?;
             state.stats.reloads_sent += 1;
             state.stats.last_success_ms = now_ms();
-            state.stats.delivered_id = id;
             state.not_before = None;
             state.backoff = BACKOFF_FIRST;
             state.waiting_since = None;
